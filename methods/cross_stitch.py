@@ -1,0 +1,67 @@
+"""Cross-stitch networks (``cross-stitch``): one column per task, linearly mixed after each block.
+
+Misra, Shrivastava, Gupta, Hebert, "Cross-stitch Networks for Multi-task Learning", CVPR
+2016, arXiv 1604.03539.
+
+Implemented: one full backbone column per task and a cross-stitch unit after each conv
+block, x̃_i = Σ_j α_ij ⊙ x_j with a trainable per-channel α of shape ``[T, T, C]``,
+initialised to 0.9 on the diagonal and 0.1/(T-1) off it (each row sums to 1). Every task
+runs each step. The mixing is one einsum over the task axis per block. Parameters grow as
+T·backbone + blocks·T²·channels, which :meth:`CrossStitch.param_counts` reports.
+
+Deviations: the paper stitches two tasks' AlexNets after pooling layers; here any number of
+tasks is stitched after every block of the shared backbone definition, and the paper's
+larger learning rate for α is not used (one optimiser setting for every method).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtlbench.backbones import BackboneSpec
+from mtlbench.method import Method, MethodConfig, TaskHeads, count
+from mtlbench.registry import register_method
+
+
+def stitch_init(num_tasks: int, channels: int) -> torch.Tensor:
+    off = 0.1 / (num_tasks - 1) if num_tasks > 1 else 0.0
+    alpha = torch.full((num_tasks, num_tasks), off)
+    alpha.fill_diagonal_(0.9 if num_tasks > 1 else 1.0)
+    return alpha[:, :, None].expand(-1, -1, channels).clone()
+
+
+def stitch(alpha: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """``alpha [T, T, C]``, ``xs [T, B, C, H, W]`` -> mixed ``[T, B, C, H, W]``."""
+    return torch.einsum("ijc,jbchw->ibchw", alpha, xs)
+
+
+@register_method("cross-stitch", "Cross-stitch networks: a column per task, mixed by trainable alpha after each block.")
+class CrossStitch(Method):
+    def __init__(self, backbone: BackboneSpec, num_tasks: int, config: MethodConfig, seed: int = 0) -> None:
+        super().__init__(backbone, num_tasks, config, seed)
+        self.columns = nn.ModuleList(backbone.build() for _ in range(num_tasks))
+        channels = self.columns[0].block_channels
+        self.alphas = nn.ParameterList(nn.Parameter(stitch_init(num_tasks, c)) for c in channels)
+        self.heads = TaskHeads(self.columns[0].num_features, num_tasks)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features of every column, ``[T, B, F]``."""
+        xs = None
+        for b, alpha in enumerate(self.alphas):
+            inputs = [x] * self.num_tasks if xs is None else xs.unbind(0)
+            xs = stitch(alpha, torch.stack([col.blocks[b](xi) for col, xi in zip(self.columns, inputs)]))
+        return xs.mean(dim=(3, 4))
+
+    def forward(self, x: torch.Tensor, tasks: list[int]) -> torch.Tensor:
+        feats = self.features(x)
+        return torch.stack([self.heads.one(feats[t], t) for t in tasks], dim=1)
+
+    def param_counts(self) -> dict:
+        stitches = sum(a.numel() for a in self.alphas)
+        return {
+            "trainable": count(self),
+            "shared": stitches,
+            "task_specific": count(self.columns) + count(self.heads),
+            "cross_stitch": stitches,
+            "per_column": count(self.columns[0]),
+        }

@@ -1,0 +1,74 @@
+"""Task Routing (``tr``): one shared backbone, fixed per-task binary channel masks.
+
+Strezoski, van Noord, Worring, "Many Task Learning with Task Routing", ICCV 2019,
+arXiv 1903.12117.
+
+Implemented: a task routing layer after every conv+norm (before the nonlinearity), masks
+drawn once from a generator seeded by the run's seed with sharing ratio sigma (see
+:func:`mtlbench.routing.draw_masks`), one linear head per task, and the paper's training
+schedule (``sample``: each step updates one randomly drawn task) or ``all`` (every task each
+step, losses summed).
+
+Deviations from the paper: ``sample`` draws without replacement from ``steps_per_task``
+copies of each task, so every task gets exactly the same number of batches; heads are
+binary (one logit per task) since every mtlbench task is binary.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from mtlbench.backbones import BackboneSpec
+from mtlbench.method import Method, MethodConfig, TaskHeads, count, sample_schedule
+from mtlbench.registry import register_method
+from mtlbench.routing import insert_routers
+
+
+@register_method("tr", "Task Routing: shared backbone, fixed random per-task channel masks with sharing ratio sigma.")
+class TaskRouting(Method):
+    schedules = ("sample", "all")
+    uses_sigma = True
+
+    def __init__(self, backbone: BackboneSpec, num_tasks: int, config: MethodConfig, seed: int = 0) -> None:
+        super().__init__(backbone, num_tasks, config, seed)
+        self.backbone = backbone.build()
+        self.heads = TaskHeads(self.backbone.num_features, num_tasks)
+        self.routers, self.route_names = insert_routers(self.backbone, num_tasks, self.sigma, seed)
+
+    @property
+    def sigma(self) -> float:
+        return self.config.sigma
+
+    def schedule(self, steps_per_task: int, generator: torch.Generator) -> Iterator[list[int]]:
+        if self.config.schedule == "sample":
+            return sample_schedule(self.num_tasks, steps_per_task, generator)
+        return super().schedule(steps_per_task, generator)
+
+    @classmethod
+    def total_steps(cls, num_tasks: int, steps_per_task: int, schedule: str) -> int:
+        return steps_per_task * (num_tasks if schedule == "sample" else 1)
+
+    def set_task(self, task: int) -> None:
+        for router in self.routers:
+            router.task = task
+
+    def forward(self, x: torch.Tensor, tasks: list[int]) -> torch.Tensor:
+        logits = []
+        for t in tasks:  # one masked pass per task: the routed sub-networks differ
+            self.set_task(t)
+            logits.append(self.heads.one(self.backbone(x), t))
+        return torch.stack(logits, dim=1)
+
+    def param_counts(self) -> dict:
+        kept = torch.stack([r.masks.sum(dim=1) for r in self.routers]).sum(dim=0)  # [T]
+        return {
+            "trainable": count(self),
+            "shared": count(self.backbone),
+            "task_specific": count(self.heads),
+            "active_units_per_task": kept.long().tolist(),
+            "total_units": sum(r.masks.shape[1] for r in self.routers),
+        }
+
+    def describe(self) -> dict:
+        return {"routing_points": self.route_names, "sigma": self.sigma}

@@ -1,0 +1,164 @@
+"""The ``mtlbench`` command line. Bad input: one line on stderr, exit status 2, no traceback."""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import warnings
+from pathlib import Path
+
+from mtlbench.errors import MtlbenchError
+
+DEFAULT_OUT = "mtlbench-results"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        raise MtlbenchError(f"{self.prog}: {message}")
+
+
+def _number_list(kind: type, what: str):
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise MtlbenchError(f"{what} takes a number or a comma list of numbers, got {text!r}") from None
+        if not values or any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise MtlbenchError(f"{what} takes a number or a comma list of numbers, got {text!r}")
+        return values
+    return parse
+
+
+def parse_tasks(text: str) -> list[int]:
+    """``40``, ``2,10,40`` or ``2:500`` (the 1-2-5 log-spaced series from 2 to 500)."""
+    if ":" in text:
+        lo_hi = text.split(":")
+        try:
+            lo, hi = (int(v) for v in lo_hi)
+        except ValueError:
+            raise MtlbenchError(f"--tasks range must look like 2:500, got {text!r}") from None
+        series = sorted({m * 10 ** e for e in range(7) for m in (1, 2, 5)} | {lo, hi})
+        values = [v for v in series if lo <= v <= hi]
+    else:
+        values = _number_list(int, "--tasks")(text)
+    if not values or min(values) < 1:
+        raise MtlbenchError(f"--tasks must be positive integers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mtlbench", description="Benchmark multi-task learning methods as tasks grow.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    r = sub.add_parser("run", help="train and evaluate methods over a grid of settings")
+    r.add_argument("--methods", default="tr,hard,stl", help="comma list of registered methods")
+    r.add_argument("--tasks", default="40", help="number of tasks: 40, 2,10,40 or 2:500 (log-spaced)")
+    r.add_argument("--dataset", default="synthetic")
+    r.add_argument("--backbone", default="convnet")
+    r.add_argument("--sigma", default="0.5", help="task routing's sharing ratio(s) in [0, 1]")
+    r.add_argument("--schedule", default="", help="sample (one task per step) or all; default per method")
+    r.add_argument("--steps-per-task", type=int, default=20, help="supervised batches each task gets")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--seed", default="0", help="a seed or a comma list")
+    r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    r.add_argument("--out", default=DEFAULT_OUT, help="results folder (reruns resume in it)")
+    r.add_argument("--data-root", default=None, help="dataset folder (default $MTLBENCH_DATA or ~/.cache/mtlbench)")
+    r.add_argument("--max-params", type=int, default=100_000_000,
+                   help="record settings with more trainable parameters as skipped")
+    r.add_argument("-o", "--option", action="append", default=[], metavar="TARGET.KEY=VALUE",
+                   help="dataset or backbone option, e.g. dataset.relatedness=0.2")
+    ls = sub.add_parser("list", help="list registered methods, datasets and backbones")
+    ls.add_argument("pattern", nargs="?", default="*", help="wildcard, e.g. 'cross*'")
+    return p
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from mtlbench.registry import REGISTRIES
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # broken plugins are listed below instead
+        for title, reg in REGISTRIES.items():
+            names = reg.names(args.pattern)
+            print(f"{title}:")
+            for name in names:
+                print(f"  {name:<14} {reg.describe(name)}")
+            if not names:
+                print("  (none match)")
+            for name, err in reg.plugin_errors.items():
+                print(f"  {name:<14} [plugin failed to load] {err}")
+    return 0
+
+
+def _validate_ints(args: argparse.Namespace) -> None:
+    for opt in ("steps_per_task", "batch_size", "max_params"):
+        if getattr(args, opt) < 1:
+            raise MtlbenchError(f"--{opt.replace('_', '-')} must be at least 1, got {getattr(args, opt)}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise MtlbenchError(f"--lr must be a positive number, got {args.lr}")
+
+
+def _check_device(device: str) -> None:
+    import torch
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MtlbenchError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MtlbenchError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise MtlbenchError(f"--device {device!r}: only cpu and cuda are supported")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mtlbench import results
+    from mtlbench.config import RunConfig, parse_options
+    from mtlbench.harness import Sweep, expand
+    from mtlbench.registry import BACKBONES, DATASETS
+
+    _validate_ints(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise MtlbenchError("--methods is empty")
+    tasks = parse_tasks(args.tasks)
+    dataset = DATASETS.get(args.dataset)
+    BACKBONES.get(args.backbone)
+    if max(tasks) > dataset.max_tasks:
+        raise MtlbenchError(f"{args.dataset} offers at most {dataset.max_tasks} tasks; --tasks asks for {max(tasks)}")
+    _check_device(args.device)
+    options = parse_options(args.option)
+    base = RunConfig(dataset=args.dataset, backbone=args.backbone, schedule=args.schedule,
+                     steps_per_task=args.steps_per_task, batch_size=args.batch_size, lr=args.lr,
+                     device=args.device, dataset_options=options["dataset"],
+                     backbone_options=options["backbone"])
+    configs = expand(base, methods, tasks, _number_list(float, "--sigma")(args.sigma),
+                     _number_list(int, "--seed")(args.seed))
+    sweep = Sweep(Path(args.out), args.max_params, warn=lambda m: print(m, file=sys.stderr),
+                  data_root=args.data_root)
+    sweep.run(configs)
+    df = results.table(results.load_runs(sweep.out, warn=lambda m: print(m, file=sys.stderr)))
+    results.write_tables(sweep.out, df)
+    keys = {c.key() for c in configs}
+    print(results.summary(df[df["key"].isin(keys)]))
+    print(f"\nresults: {sweep.out / 'results.csv'} ({len(df)} runs), one JSON per run in {sweep.out / 'runs'}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except MtlbenchError as exc:
+        print(f"mtlbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mtlbench: interrupted; finished runs are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Run configuration: one dataclass that, fully resolved, reproduces a run from its own file."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+
+from mtlbench.errors import MtlbenchError
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run's numbers. Written into every result."""
+
+    method: str = "tr"
+    tasks: int = 40
+    dataset: str = "synthetic"
+    backbone: str = "convnet"
+    sigma: float | None = 0.5     # task routing's sharing ratio; None for methods without one
+    schedule: str = ""            # "" = the method's default ("sample" for tr, "all" otherwise)
+    steps_per_task: int = 20      # supervised batches every task gets (the equal budget)
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    eval_batch_size: int = 500
+    dataset_options: dict = field(default_factory=dict)
+    backbone_options: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def key(self) -> str:
+        """A short, stable hash of the configuration: the identity of a run for resuming."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def make_config(cls: type, options: dict, what: str) -> object:
+    """Build dataclass ``cls`` from ``options``; unknown keys and bad values are errors."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise MtlbenchError(f"unknown option(s) {', '.join(unknown)} for {what}; "
+                            f"valid: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    values = {k: _coerce(v, hints[k], f"{what} option {k}") for k, v in options.items()}
+    return cls(**values)
+
+
+def _coerce(value: object, hint: object, what: str) -> object:
+    """Turn a CLI string into the field's type (int, float, bool, str, tuple of ints)."""
+    if not isinstance(value, str):
+        return value
+    origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("1", "true", "yes")
+        if hint in (int, float):
+            return hint(value)
+        if origin is tuple:
+            return tuple(int(v) for v in value.replace("-", ",").split(",") if v)
+    except ValueError:
+        raise MtlbenchError(f"{what}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
+    return value
+
+
+def parse_options(pairs: list[str]) -> dict[str, dict[str, str]]:
+    """``["dataset.relatedness=0.2", "backbone.widths=16,32"]`` -> nested dict by target."""
+    out: dict[str, dict[str, str]] = {"dataset": {}, "backbone": {}}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        target, dot, name = key.partition(".")
+        if not sep or not dot or target not in out or not name:
+            raise MtlbenchError(f"option {pair!r} must look like dataset.KEY=VALUE or backbone.KEY=VALUE")
+        out[target][name] = value
+    return out
