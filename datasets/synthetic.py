@@ -4,17 +4,20 @@ Source: generated here from a seed; no download and no files. Licence: same as m
 
 Each image shows one object on a plain background. Its latent factors are the object's
 shape (disk, square, diamond, ring), position (x, y), size, hue, the background brightness,
-and a stripe texture's frequency and orientation. These give a 12-dimensional factor vector
-z (standardised on a fixed reference sample). Task t is the binary function
-``z · w_t > median``: its threshold is the median score of the reference sample, so every
-task has about 50% positives.
+and a stripe texture's frequency and orientation. These give an 11-dimensional factor
+vector z (two balanced shape contrasts, x, y, size, cos and sin of hue, background, stripe
+frequency, cos and sin of twice the stripe angle), standardised on a fixed reference sample.
+Task t is the binary function ``z · w_t > median``: its threshold is the median score of the
+reference sample, so every task has about 50% positives.
 
 Relatedness r in [0, 1] sets how the task directions w_t relate:
-``w_t = normalise(sqrt(r) · c + sqrt(1 - r) · v_t)`` with one common unit direction c and an
-independent random unit direction v_t per task. The expected cosine between two tasks'
-directions is about r: at r=1 every task depends on the same combination of factors
-(identical labels); at r=0 the directions are independent, so tasks use different factors and
-often conflicting signs. Labels correlate more strongly as r grows.
+``w_t = normalise(sqrt(r) · c + sqrt(1 - r) · v_t)``, where c is one common direction and
+v_t an independent one per task; each uses 2 random factors with random signs. At r=1
+every task is the same function of the same factors (identical labels); at r=0 each task
+uses its own pair of factors, disjoint from or conflicting with most other tasks'. Labels
+correlate more strongly as r grows. Factors differ in how easily a CNN reads them (hue and
+brightness are easy; shape and stripe orientation are hard), so tasks range from easy to
+hard, as real attributes do.
 
 Generation is vectorised: 10,000 32x32 images take a fraction of a second. The same
 ``data_seed`` gives the same images, labels and tasks; ``train`` and ``test`` draw disjoint
@@ -32,7 +35,8 @@ from mtlbench.errors import MtlbenchError
 from mtlbench.registry import register_dataset
 
 MAX_TASKS = 4096
-NUM_FACTORS = 12
+NUM_FACTORS = 11
+FACTORS_PER_TASK = 2
 
 
 @dataclass
@@ -47,16 +51,17 @@ class SyntheticConfig:
 def _latents(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     u = lambda: torch.rand(n, generator=g)  # noqa: E731
     return {"shape": torch.randint(4, (n,), generator=g), "cx": 0.3 + 0.4 * u(), "cy": 0.3 + 0.4 * u(),
-            "size": 0.14 + 0.14 * u(), "hue": u(), "bg": u(), "freq": u(), "angle": math.pi * u()}
+            "size": 0.18 + 0.14 * u(), "hue": u(), "bg": u(), "freq": u(), "angle": math.pi * u()}
 
 
 def _factors(z: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The raw factor vector ``[n, 12]`` the tasks are functions of."""
-    onehot = torch.nn.functional.one_hot(z["shape"], 4).float()
+    """The raw factor vector ``[n, 11]`` the tasks are functions of."""
     hue, ang = 2 * math.pi * z["hue"], 2 * z["angle"]
-    cols = [z["cx"], z["cy"], z["size"], hue.cos(), hue.sin(), z["bg"], z["freq"], ang.cos(), ang.sin()]
-    # Three shape contrasts (the fourth one-hot column is redundant).
-    return torch.cat([onehot[:, :3], torch.stack(cols, dim=1)], dim=1)
+    # Two balanced shape contrasts: round (disk, ring) vs not; disk or square vs the others.
+    round_, simple = (z["shape"] == 0) | (z["shape"] == 3), z["shape"] <= 1
+    cols = [round_.float(), simple.float(), z["cx"], z["cy"], z["size"], hue.cos(), hue.sin(), z["bg"],
+            z["freq"], ang.cos(), ang.sin()]
+    return torch.stack(cols, dim=1)
 
 
 def _hue_to_rgb(hue: torch.Tensor) -> torch.Tensor:
@@ -86,7 +91,7 @@ def render(z: dict[str, torch.Tensor], size: int, g: torch.Generator) -> torch.T
         idx = (z["shape"] == k).nonzero().flatten()
         inside[idx] = _inside(k, dx[idx], dy[idx], s[idx]).float()
     a = z["angle"].view(-1, 1, 1)
-    freq = (2 * math.pi * (2 + 6 * z["freq"])).view(-1, 1, 1)
+    freq = (2 * math.pi * (1 + 1.5 * z["freq"])).view(-1, 1, 1) / s  # 1 to 2.5 stripes per radius
     stripes = torch.sin(freq * a.cos() * dx + freq * a.sin() * dy).gt_(0).mul_(0.4).add_(0.6)
     colour = _hue_to_rgb(z["hue"]).view(-1, 3, 1, 1) * stripes[:, None]
     bg = (0.15 + 0.5 * z["bg"]).view(-1, 1, 1, 1).expand_as(colour)
@@ -95,11 +100,18 @@ def render(z: dict[str, torch.Tensor], size: int, g: torch.Generator) -> torch.T
     return img.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
 
 
+def _sparse_directions(n: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` random unit vectors, each using ``FACTORS_PER_TASK`` factors with random signs."""
+    support = torch.rand(n, NUM_FACTORS, generator=g).argsort(dim=1)[:, :FACTORS_PER_TASK]
+    w = torch.zeros(n, NUM_FACTORS).scatter_(1, support, torch.randn(n, FACTORS_PER_TASK, generator=g))
+    return w / w.norm(dim=1, keepdim=True)
+
+
 def task_directions(num_tasks: int, relatedness: float, g: torch.Generator) -> torch.Tensor:
-    unit = lambda v: v / v.norm(dim=-1, keepdim=True)  # noqa: E731
-    common = unit(torch.randn(NUM_FACTORS, generator=g))
-    own = unit(torch.randn(MAX_TASKS, NUM_FACTORS, generator=g))[:num_tasks]
-    return unit(math.sqrt(relatedness) * common + math.sqrt(1 - relatedness) * own)
+    common = _sparse_directions(1, g)
+    own = _sparse_directions(MAX_TASKS, g)[:num_tasks]  # drawn in full: task t never depends on T
+    w = math.sqrt(relatedness) * common + math.sqrt(1 - relatedness) * own
+    return w / w.norm(dim=1, keepdim=True)
 
 
 @register_dataset("synthetic", "Generated shapes with latent factors; up to 4096 binary tasks, adjustable relatedness.")

@@ -23,7 +23,9 @@ class SingleTask(Method):
     def __init__(self, backbone: BackboneSpec, num_tasks: int, config: MethodConfig, seed: int = 0) -> None:
         super().__init__(backbone, num_tasks, config, seed)
         self.columns = nn.ModuleList(backbone.build() for _ in range(num_tasks))
-        self.heads = TaskHeads(self.columns[0].num_features, num_tasks)
+        # One head module per task (not one stacked tensor), so Adam's momentum from task j's
+        # steps never moves task i's head: the networks are fully independent.
+        self.heads = nn.ModuleList(TaskHeads(col.num_features, 1) for col in self.columns)
 
     def schedule(self, steps_per_task: int, generator: torch.Generator) -> Iterator[list[int]]:
         # Round-robin keeps every network at the same point of its budget at any moment.
@@ -36,7 +38,7 @@ class SingleTask(Method):
         return steps_per_task * num_tasks
 
     def forward(self, x: torch.Tensor, tasks: list[int]) -> torch.Tensor:
-        return torch.stack([self.heads.one(self.columns[t](x), t) for t in tasks], dim=1)
+        return torch.stack([self.heads[t].one(self.columns[t](x), 0) for t in tasks], dim=1)
 
     def param_counts(self) -> dict:
         return {"trainable": count(self), "shared": 0, "task_specific": count(self)}

@@ -111,7 +111,7 @@ def _check_device(device: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from mtlbench import results
-    from mtlbench.config import RunConfig, parse_options
+    from mtlbench.config import RunConfig, parse_options, resolved_options
     from mtlbench.harness import Sweep, expand
     from mtlbench.registry import BACKBONES, DATASETS
 
@@ -126,10 +126,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise MtlbenchError(f"{args.dataset} offers at most {dataset.max_tasks} tasks; --tasks asks for {max(tasks)}")
     _check_device(args.device)
     options = parse_options(args.option)
+    # Store every option with its default filled in: the result is then reproducible from
+    # its own file, and a changed default changes the run's key instead of being resumed.
+    data_opts = resolved_options(dataset.config_class, options["dataset"], f"dataset {args.dataset!r}")
+    net_opts = resolved_options(BACKBONES.get(args.backbone).config_class, options["backbone"],
+                                f"backbone {args.backbone!r}")
+    net_opts.pop("in_channels")  # set from the dataset's images
     base = RunConfig(dataset=args.dataset, backbone=args.backbone, schedule=args.schedule,
                      steps_per_task=args.steps_per_task, batch_size=args.batch_size, lr=args.lr,
-                     device=args.device, dataset_options=options["dataset"],
-                     backbone_options=options["backbone"])
+                     device=args.device, dataset_options=data_opts, backbone_options=net_opts)
     configs = expand(base, methods, tasks, _number_list(float, "--sigma")(args.sigma),
                      _number_list(int, "--seed")(args.seed))
     sweep = Sweep(Path(args.out), args.max_params, warn=lambda m: print(m, file=sys.stderr),

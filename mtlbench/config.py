@@ -52,6 +52,11 @@ def make_config(cls: type, options: dict, what: str) -> object:
     return cls(**values)
 
 
+def resolved_options(cls: type, options: dict, what: str) -> dict:
+    """``options`` validated and completed with ``cls``'s defaults, as plain JSON values."""
+    return json.loads(json.dumps(dataclasses.asdict(make_config(cls, options, what))))
+
+
 def _coerce(value: object, hint: object, what: str) -> object:
     """Turn a CLI string into the field's type (int, float, bool, str, tuple of ints)."""
     if not isinstance(value, str):

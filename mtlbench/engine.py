@@ -125,7 +125,7 @@ def execute(cfg: RunConfig, train_set: TaskDataset, test_set: TaskDataset,
             progress: Callable[[int], None] | None = None) -> dict:
     """Build, train and evaluate one method; returns the method-level part of a result."""
     device = torch.device(cfg.device)
-    model = build_method(cfg, train_set.images.shape[1]).to(device)
+    model = build_method(cfg, train_set.images.shape[1]).to(device, memory_format=torch.channels_last)
     batches = Batches(train_set.images.to(device), train_set.labels.to(device), cfg.batch_size,
                       cfg.seed, train_set.mean, train_set.std)
     timing = train(model, batches, cfg, progress)

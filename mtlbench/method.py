@@ -39,14 +39,17 @@ class TaskHeads(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_tasks, num_features).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(num_tasks).uniform_(-bound, bound))
 
+    # Products are summed over the feature axis in the same order whether one head or all
+    # heads are evaluated, so a routed pass at sigma=1 reproduces hard sharing bit for bit
+    # (a matmul's blocking would differ with the number of heads).
     def forward(self, features: torch.Tensor, tasks: list[int] | torch.Tensor) -> torch.Tensor:
         """``features [B, F]`` (shared by all ``tasks``) -> logits ``[B, len(tasks)]``."""
         idx = torch.as_tensor(tasks, device=self.weight.device)
-        return torch.addmm(self.bias[idx], features, self.weight[idx].t())
+        return (features[:, None, :] * self.weight[idx]).sum(dim=-1) + self.bias[idx]
 
     def one(self, features: torch.Tensor, task: int) -> torch.Tensor:
         """Logits ``[B]`` of a single task."""
-        return features @ self.weight[task] + self.bias[task]
+        return (features * self.weight[task]).sum(dim=-1) + self.bias[task]
 
 
 class Method(nn.Module):
