@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--schedule", default="", help="sample (one task per step) or all; default per method")
     r.add_argument("--steps-per-task", type=int, default=20, help="supervised batches each task gets")
     r.add_argument("--batch-size", type=int, default=64)
-    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate, the same for every method")
     r.add_argument("--seed", default="0", help="a seed or a comma list")
     r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     r.add_argument("--out", default=DEFAULT_OUT, help="results folder (reruns resume in it)")

@@ -22,7 +22,7 @@ class RunConfig:
     schedule: str = ""            # "" = the method's default ("sample" for tr, "all" otherwise)
     steps_per_task: int = 20      # supervised batches every task gets (the equal budget)
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-3
     optimizer: str = "adam"
     weight_decay: float = 0.0
     seed: int = 0
