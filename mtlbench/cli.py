@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -68,12 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record settings with more trainable parameters as skipped")
     r.add_argument("-o", "--option", action="append", default=[], metavar="TARGET.KEY=VALUE",
                    help="dataset or backbone option, e.g. dataset.relatedness=0.2")
+    rep = sub.add_parser("report", help="tables, figures and a README from a results folder")
+    rep.add_argument("results_dir", help="a folder written by mtlbench run")
+    rep.add_argument("--out", required=True, help="report folder, e.g. reports/NAME")
+    rep.add_argument("--title", default=None)
+    cmp_ = sub.add_parser("compare", help="fail (exit 1) on accuracy or throughput regressions")
+    cmp_.add_argument("baseline", help="results folder or results table (csv/parquet)")
+    cmp_.add_argument("new", help="results folder or results table (csv/parquet)")
+    cmp_.add_argument("--max-acc-drop", type=float, default=1.0, help="allowed accuracy drop, points")
+    cmp_.add_argument("--max-slowdown", type=float, default=10.0, help="allowed throughput drop, percent")
+    cmp_.add_argument("--metric", default="mean_accuracy", choices=["mean_accuracy", "mean_balanced_accuracy"])
     ls = sub.add_parser("list", help="list registered methods, datasets and backbones")
     ls.add_argument("pattern", nargs="?", default="*", help="wildcard, e.g. 'cross*'")
     return p
 
 
-def cmd_list(args: argparse.Namespace) -> int:
+def cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
     from mtlbench.registry import REGISTRIES
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # broken plugins are listed below instead
@@ -109,7 +120,7 @@ def _check_device(device: str) -> None:
         raise MtlbenchError(f"--device {device!r}: only cpu and cuda are supported")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     from mtlbench import results
     from mtlbench.config import RunConfig, parse_options, resolved_options
     from mtlbench.harness import Sweep, expand
@@ -138,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     configs = expand(base, methods, tasks, _number_list(float, "--sigma")(args.sigma),
                      _number_list(int, "--seed")(args.seed))
     sweep = Sweep(Path(args.out), args.max_params, warn=lambda m: print(m, file=sys.stderr),
-                  data_root=args.data_root)
+                  data_root=args.data_root, command=" ".join(["mtlbench", *map(shlex.quote, argv)]))
     sweep.run(configs)
     df = results.table(results.load_runs(sweep.out, warn=lambda m: print(m, file=sys.stderr)))
     results.write_tables(sweep.out, df)
@@ -148,14 +159,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list}
+def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
+    from mtlbench.report import write_report
+    written = write_report(Path(args.results_dir), Path(args.out), args.title,
+                           warn=lambda m: print(m, file=sys.stderr))
+    print(f"wrote {len(written)} files to {args.out} (README.md, tables, figures as PNG and SVG)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
+    from mtlbench.compare import compare, load_table, render
+    for name in ("max_acc_drop", "max_slowdown"):
+        if not getattr(args, name) >= 0:
+            raise MtlbenchError(f"--{name.replace('_', '-')} must be a non-negative number")
+    warn = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    base, new = load_table(Path(args.baseline), warn), load_table(Path(args.new), warn)
+    if not (base["status"] == "ok").any():
+        raise MtlbenchError(f"baseline {args.baseline!r} has no finished runs")
+    table, problems = compare(base, new, args.max_acc_drop, args.max_slowdown, args.metric)
+    print(render(table))
+    print(f"\n{problems} problem(s) in {len(table)} setting(s) "
+          f"(limits: accuracy -{args.max_acc_drop:g} pts, throughput -{args.max_slowdown:g}%)")
+    return 1 if problems else 0
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        return COMMANDS[args.command](args, argv)
     except MtlbenchError as exc:
         print(f"mtlbench: error: {exc}", file=sys.stderr)
         return 2

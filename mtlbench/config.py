@@ -27,7 +27,7 @@ class RunConfig:
     weight_decay: float = 0.0
     seed: int = 0
     device: str = "cpu"
-    eval_batch_size: int = 500
+    eval_batch_size: int = 250
     dataset_options: dict = field(default_factory=dict)
     backbone_options: dict = field(default_factory=dict)
 

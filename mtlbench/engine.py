@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import statistics
 import time
 from typing import Callable
 
@@ -14,6 +15,7 @@ from mtlbench.backbones import resolve_backbone
 from mtlbench.config import RunConfig, make_config
 from mtlbench.data import Batches, TaskDataset
 from mtlbench.errors import MtlbenchError
+from mtlbench.measure import PeakMemory, clock, count_flops, spread
 from mtlbench.method import Method
 from mtlbench.registry import DATASETS, METHODS
 
@@ -69,12 +71,13 @@ def train(model: Method, batches: Batches, cfg: RunConfig,
     opt = make_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
     seen = [0] * model.num_tasks  # supervised batches per task so far
-    steps, pairs, data_s, last_loss = 0, 0, 0.0, float("nan")
+    steps, pairs, data_s, last_loss, step_s = 0, 0, 0.0, float("nan"), []
     start = time.perf_counter()
     for tasks in model.schedule(cfg.steps_per_task, generator):
-        t0 = time.perf_counter()
+        t0 = clock(cfg.device)
         x, y = batches.get(seen[tasks[0]])
-        data_s += time.perf_counter() - t0
+        t1 = clock(cfg.device)
+        data_s += t1 - t0
         loss = task_loss(model(x, tasks), y[:, tasks])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {steps}")
@@ -84,29 +87,63 @@ def train(model: Method, batches: Batches, cfg: RunConfig,
         for t in tasks:
             seen[t] += 1
         steps, pairs = steps + 1, pairs + len(x) * len(tasks)
+        step_s.append((clock(cfg.device) - t1, len(x) * len(tasks)))
         if progress:
             progress(1)
         last_loss = loss.detach()
-    seconds = _sync_clock(cfg.device) - start
+    seconds = clock(cfg.device) - start
+    # Steady-state throughput: the first steps (allocator and kernel warm-up) are left out
+    # and the median step time is used; the wall-clock figure is kept beside it.
+    warm = min(5, len(step_s) // 4)
+    steady = step_s[warm:]
+    median_s = statistics.median(t / p for t, p in steady) if steady else float("nan")
     return {"steps": steps, "supervised_pairs": pairs, "seconds": seconds,
-            "pairs_per_s": pairs / seconds if seconds else float("nan"),
-            "data_seconds": data_s, "final_loss": float(last_loss),
-            "batches_per_task": sorted(set(seen))}
-
-
-def _sync_clock(device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter()
+            "pairs_per_s": 1.0 / median_s if median_s else float("nan"),
+            "pairs_per_s_wall": pairs / seconds if seconds else float("nan"),
+            "step_time": spread([t for t, _ in steady]) if steady else None,
+            "warmup_steps": warm, "data_seconds": data_s, "data_fraction": data_s / seconds,
+            "final_loss": float(last_loss), "batches_per_task": sorted(set(seen))}
 
 
 @torch.no_grad()
-def predict(model: Method, images: torch.Tensor, batches: Batches, batch_size: int) -> torch.Tensor:
-    """Logits of every task for every image, ``[N, T]``."""
+def predict(model: Method, images: torch.Tensor, batches: Batches, batch_size: int,
+            device: str = "cpu") -> tuple[torch.Tensor, dict]:
+    """Logits of every task for every image ``[N, T]``, and all-task inference throughput.
+
+    Each evaluation batch is timed; the first is the warm-up and the median of the rest
+    gives images per second (predictions for all T tasks, in the method's own way).
+    """
     model.eval()
-    out = [model.predict_all(batches.normalise(images[i:i + batch_size]))
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out)
+    out, times = [], []
+    for i in range(0, len(images), batch_size):
+        start = clock(device)
+        out.append(model.predict_all(batches.normalise(images[i:i + batch_size])))
+        times.append((clock(device) - start, len(out[-1])))
+    timed = times[1:] or times
+    per_image = statistics.median(t / n for t, n in timed)
+    return torch.cat(out), {"seconds": sum(t for t, _ in times), "images": len(images),
+                            "images_per_s": 1.0 / per_image, "batch_time": spread([t for t, _ in timed]),
+                            "warmup_batches": len(times) - len(timed)}
+
+
+def method_flops(cfg: RunConfig, image_shape: tuple[int, ...]) -> dict:
+    """FLOPs counted by ``torch.utils.flop_counter`` on the meta device (no compute).
+
+    ``forward_per_image_task``: forward FLOPs to predict all T tasks for one image, over T.
+    ``train_per_pair``: forward+backward FLOPs of one training step of the method's
+    schedule, over its supervised (image, task) pairs.
+    """
+    with torch.device("meta"):
+        model = build_method(cfg, image_shape[0]).to("meta")
+    batch = 2  # FLOPs are linear in the batch; two images keep batch norm well defined
+    x = torch.empty(batch, *image_shape, device="meta")
+    model.eval()
+    forward = count_flops(lambda: model.predict_all(x[:1]))
+    model.train()
+    tasks = next(iter(model.schedule(1, torch.Generator().manual_seed(0))))
+    train_step = count_flops(lambda: model(x, tasks).sum().backward())
+    return {"forward_per_image_task": forward / cfg.tasks, "train_per_pair": train_step / (batch * len(tasks)),
+            "counted_with": "torch.utils.flop_counter.FlopCounterMode (matmul/conv FLOPs, 2 per multiply-add)"}
 
 
 def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, list[float]]:
@@ -125,13 +162,13 @@ def execute(cfg: RunConfig, train_set: TaskDataset, test_set: TaskDataset,
             progress: Callable[[int], None] | None = None) -> dict:
     """Build, train and evaluate one method; returns the method-level part of a result."""
     device = torch.device(cfg.device)
-    model = build_method(cfg, train_set.images.shape[1]).to(device, memory_format=torch.channels_last)
-    batches = Batches(train_set.images.to(device), train_set.labels.to(device), cfg.batch_size,
-                      cfg.seed, train_set.mean, train_set.std)
-    timing = train(model, batches, cfg, progress)
-    t0 = time.perf_counter()
-    logits = predict(model, test_set.images.to(device), batches, cfg.eval_batch_size)
-    eval_s = _sync_clock(cfg.device) - t0
+    flops = method_flops(cfg, tuple(train_set.images.shape[1:]))
+    with PeakMemory(cfg.device) as memory:
+        model = build_method(cfg, train_set.images.shape[1]).to(device, memory_format=torch.channels_last)
+        batches = Batches(train_set.images.to(device), train_set.labels.to(device), cfg.batch_size,
+                          cfg.seed, train_set.mean, train_set.std)
+        timing = train(model, batches, cfg, progress)
+        logits, inference = predict(model, test_set.images.to(device), batches, cfg.eval_batch_size, cfg.device)
     metrics = binary_metrics(logits.cpu(), test_set.labels)
     return {
         "method_config": dataclasses.asdict(model.config),
@@ -140,7 +177,11 @@ def execute(cfg: RunConfig, train_set: TaskDataset, test_set: TaskDataset,
         "params": model.param_counts(),
         "method_details": model.describe(),
         "train": timing,
-        "eval": {"seconds": eval_s, "images": len(test_set), "images_per_s": len(test_set) / eval_s},
+        "eval": inference,
+        "flops": flops,
+        "memory": {"peak_bytes": memory.bytes, "how": memory.how},
+        "runtime": {"device": str(device), "threads": torch.get_num_threads(), "memory_format": "channels_last",
+                    "precision": "fp32"},
         "data": {"task_names": test_set.task_names, "positive_rate_train": train_set.positive_rate(),
                  "num_train": len(train_set), "num_test": len(test_set),
                  "options": dataclasses.asdict(train_set.config) if hasattr(train_set, "config") else {}},

@@ -57,8 +57,9 @@ class Sweep:
     """Runs configurations into ``out``; finished runs (same config hash) are skipped."""
 
     def __init__(self, out: Path, max_params: int, warn: Callable[[str], None] = print,
-                 data_root: str | None = None) -> None:
+                 data_root: str | None = None, command: str = "") -> None:
         self.out, self.max_params, self.warn, self.data_root = Path(out), max_params, warn, data_root
+        self.command = command
         results.check_writable(self.out)
         self._data: dict[str, tuple] = {}
 
@@ -84,7 +85,7 @@ class Sweep:
 
     def run_one(self, cfg: RunConfig) -> dict:
         train_set, test_set = self.data(cfg)
-        result = {"schema": results.SCHEMA, "key": cfg.key(), "config": cfg.to_dict(),
+        result = {"schema": results.SCHEMA, "key": cfg.key(), "config": cfg.to_dict(), "command": self.command,
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": results.environment()}
         start = time.perf_counter()
         params = estimate_params(cfg, train_set.images.shape[1])
@@ -94,8 +95,18 @@ class Sweep:
         else:
             result.update(self._attempt(cfg, train_set, test_set))
         result["wall_seconds"] = time.perf_counter() - start
-        results.write_json_atomic(self.out / "runs" / results.run_filename(result), result)
+        results.write_json_atomic(self._free_path(result), result)
         return result
+
+    def _free_path(self, result: dict) -> Path:
+        """The run's file name, unless an unreadable file holds it: that is never overwritten."""
+        path = self.out / "runs" / results.run_filename(result)
+        n = 1
+        while path.exists() and results.read_run(path) is None:
+            self.warn(f"mtlbench: {path.name} exists but is not a valid run file; leaving it alone")
+            path = path.with_name(f"{path.stem}.{n}.json")
+            n += 1
+        return path
 
     def _attempt(self, cfg: RunConfig, train_set, test_set) -> dict:
         label = f"{cfg.method} T={cfg.tasks}" + (f" sigma={cfg.sigma:g}" if cfg.sigma is not None else "") + \

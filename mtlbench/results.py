@@ -26,7 +26,8 @@ COLUMNS = [
     "key", "status", "method", "dataset", "backbone", "tasks", "sigma", "schedule", "seed",
     "steps_per_task", "batch_size", "lr", "mean_accuracy", "mean_balanced_accuracy",
     "delta_m_accuracy", "delta_m_balanced_accuracy", "params_trainable", "params_shared",
-    "params_task_specific", "train_seconds", "train_pairs_per_s", "eval_images_per_s",
+    "params_task_specific", "flops_forward_per_image_task", "flops_train_per_pair",
+    "train_seconds", "train_pairs_per_s", "eval_images_per_s", "peak_memory_mb",
     "wall_seconds", "device", "threads", "reason",
 ]
 
@@ -109,29 +110,40 @@ def load_runs(folder: Path, warn=print) -> list[dict]:
     folder = Path(folder)
     if not folder.is_dir():
         raise MtlbenchError(f"results folder {str(folder)!r} does not exist")
-    runs = []
+    runs, seen = [], set()
     for path in sorted((folder / "runs").glob("*.json")) if (folder / "runs").is_dir() else []:
-        try:
-            obj = json.loads(path.read_text())
-            if not isinstance(obj, dict) or obj.get("schema") != SCHEMA or "config" not in obj:
-                raise ValueError("not an mtlbench run file")
-        except (ValueError, OSError, UnicodeDecodeError) as exc:
-            warn(f"mtlbench: skipping {path.name}: {exc}")
-            continue
-        runs.append(obj)
+        obj = read_run(path, warn)
+        if obj is not None and obj["key"] not in seen:  # one row per configuration
+            seen.add(obj["key"])
+            runs.append(obj)
     return runs
+
+
+def read_run(path: Path, warn=lambda msg: None) -> dict | None:
+    """A run file's content, or None (with a warning) for a corrupt or foreign file."""
+    try:
+        obj = json.loads(Path(path).read_text())
+        if not isinstance(obj, dict) or obj.get("schema") != SCHEMA or "config" not in obj or "key" not in obj:
+            raise ValueError("not an mtlbench run file")
+        return obj
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        warn(f"mtlbench: skipping {Path(path).name}: {exc}")
+        return None
 
 
 def _row(run: dict) -> dict:
     c, m = run["config"], run.get("metrics", {})
     p, tr, ev = run.get("params", {}), run.get("train", {}), run.get("eval", {})
-    env = run.get("environment", {})
+    env, fl, mem = run.get("environment", {}), run.get("flops", {}), run.get("memory", {})
     return {"key": run["key"], "status": run.get("status", "ok"), **{k: c.get(k) for k in (
         "method", "dataset", "backbone", "tasks", "sigma", "schedule", "seed", "steps_per_task",
         "batch_size", "lr")},
         "mean_accuracy": m.get("mean_accuracy"), "mean_balanced_accuracy": m.get("mean_balanced_accuracy"),
         "params_trainable": p.get("trainable"), "params_shared": p.get("shared"),
-        "params_task_specific": p.get("task_specific"), "train_seconds": tr.get("seconds"),
+        "params_task_specific": p.get("task_specific"),
+        "flops_forward_per_image_task": fl.get("forward_per_image_task"),
+        "flops_train_per_pair": fl.get("train_per_pair"), "train_seconds": tr.get("seconds"),
+        "peak_memory_mb": mem["peak_bytes"] / 2**20 if mem.get("peak_bytes") else None,
         "train_pairs_per_s": tr.get("pairs_per_s"), "eval_images_per_s": ev.get("images_per_s"),
         "wall_seconds": run.get("wall_seconds"), "device": c.get("device"),
         "threads": env.get("threads"), "reason": run.get("reason")}

@@ -1,0 +1,94 @@
+"""Honest cost figures: FLOPs from torch's counter, timings as medians, peak memory.
+
+Timings follow one rule everywhere: warm-up first, then several timed repeats, then the
+median (with min and max as the spread); on a GPU the clock is read after a synchronise.
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def clock(device: str | torch.device = "cpu") -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def spread(seconds: list[float]) -> dict:
+    """Median, min, max and count of a list of timings (seconds)."""
+    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds),
+            "repeats": len(seconds)}
+
+
+def time_call(fn: Callable[[], object], warmup: int = 2, repeats: int = 5, device: str = "cpu") -> dict:
+    """Time ``fn`` after ``warmup`` untimed calls; returns :func:`spread` of ``repeats`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = clock(device)
+        fn()
+        times.append(clock(device) - start)
+    return spread(times)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of everything ``fn`` runs (forward and, if it calls it, backward)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+class PeakMemory:
+    """Peak memory of the code inside ``with``: process RSS on CPU, allocator peak on CUDA.
+
+    On Linux the RSS high-water mark is reset on entry (``/proc/self/clear_refs``) so each
+    run gets its own peak; where that is not possible the process-lifetime peak is reported
+    and ``how`` says so.
+    """
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.bytes, self.how = 0, ""
+
+    def __enter__(self) -> "PeakMemory":
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.how = "torch.cuda.max_memory_allocated"
+        else:
+            self.how = "process RSS high-water mark (VmHWM), reset per run" if _reset_hwm() \
+                else "process RSS peak since start (ru_maxrss)"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            self.bytes = torch.cuda.max_memory_allocated()
+        else:
+            self.bytes = _hwm_bytes()
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
