@@ -99,8 +99,10 @@ def fig_throughput_vs_tasks(agg, runs):
 
 
 def fig_accuracy_vs_sigma(agg, runs):
-    fig, ax = plt.subplots(figsize=(6, 4.5))
     tr = agg[agg["method"] == "tr"]
+    if tr.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5))
     for i, (t, rows) in enumerate(tr.groupby("tasks")):
         rows = rows.sort_values("sigma")
         c = EXTRA_COLOURS[i % len(EXTRA_COLOURS)] if tr["tasks"].nunique() > 1 else colour("tr")

@@ -1,0 +1,183 @@
+"""Sweeps: resume after SIGKILL, failures recorded, budgets, corrupt files, measurement."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from mtlbench import harness, results
+from mtlbench.aggregate import ci95
+from mtlbench.cli import main
+from mtlbench.config import RunConfig
+from mtlbench.engine import method_flops
+from mtlbench.measure import count_flops
+
+from conftest import TINY_ARGS
+
+
+def json_files(folder):
+    return sorted((folder / "runs").glob("*.json"))
+
+
+def test_sigkill_mid_sweep_then_resume(tmp_path):
+    args = ["run", "--methods", "hard,tr,stl", "--tasks", "2,3", "--out", str(tmp_path), *TINY_ARGS]
+    args[args.index("--steps-per-task") + 1] = "15"
+    proc = subprocess.Popen([sys.executable, "-m", "mtlbench.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(json_files(tmp_path)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in json_files(tmp_path)}
+    assert 2 <= len(finished) < 6
+    for p in json_files(tmp_path):
+        assert json.loads(p.read_text())["status"] == "ok"  # whole files only
+    assert main(args) == 0
+    after = json_files(tmp_path)
+    assert len(after) == 6
+    for p in after:  # finished runs were not run again
+        if p.name in finished:
+            assert (p.stat().st_mtime_ns, p.read_bytes()) == finished[p.name]
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert len(df) == 6 and df["key"].is_unique
+
+
+def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys, monkeypatch):
+    real = harness.execute
+
+    def flaky(cfg, *a, **kw):
+        if cfg.method == "tr":
+            raise FloatingPointError("non-finite loss nan at step 3")
+        return real(cfg, *a, **kw)
+
+    monkeypatch.setattr(harness, "execute", flaky)
+    assert main(["run", "--methods", "tr,hard", "--tasks", "2", "--out", str(tmp_path), *TINY_ARGS]) == 0
+    statuses = {json.loads(p.read_text())["config"]["method"]: json.loads(p.read_text()) for p in json_files(tmp_path)}
+    assert statuses["tr"]["status"] == "failed" and "non-finite" in statuses["tr"]["reason"]
+    assert statuses["hard"]["status"] == "ok"
+    assert "failed" in capsys.readouterr().out
+
+
+def test_settings_over_the_parameter_budget_are_skipped_with_a_reason(tmp_path, capsys):
+    assert main(["run", "--methods", "hard,stl", "--tasks", "3", "--max-params", "3000",
+                 "--out", str(tmp_path), *TINY_ARGS]) == 0
+    runs = {r["config"]["method"]: r for r in results.load_runs(tmp_path)}
+    assert runs["stl"]["status"] == "skipped" and "exceed --max-params 3,000" in runs["stl"]["reason"]
+    assert runs["hard"]["status"] == "ok"  # 1,467 parameters; stl has 3 backbones, 4,299
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_corrupt_and_foreign_files_are_reported_skipped_and_kept(tmp_path, capsys):
+    args = ["run", "--methods", "hard", "--tasks", "2", "--out", str(tmp_path), *TINY_ARGS]
+    assert main(args) == 0
+    (path,) = json_files(tmp_path)
+    path.write_text('{"truncated": ')          # the finished run's file is now corrupt
+    (tmp_path / "runs" / "notes.json").write_text('{"mine": 1}')
+    capsys.readouterr()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"skipping {path.name}" in err and "skipping notes.json" in err
+    assert path.read_text() == '{"truncated": '  # never silently overwritten
+    assert (tmp_path / "runs" / "notes.json").read_text() == '{"mine": 1}'
+    assert len(results.load_runs(tmp_path, warn=lambda m: None)) == 1
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    assert main(["compare", str(tmp_path), str(tmp_path)]) == 0
+
+
+def test_flops_of_a_known_network_equal_hand_counts():
+    # convnet with one block of 4 channels on 3x8x8 images: conv3x3 (no bias), pad 1.
+    conv = 2 * 8 * 8 * 4 * 3 * 9  # 2 FLOPs per multiply-add, every output pixel and channel
+    cfg = RunConfig(method="hard", sigma=1.0, schedule="all", tasks=2, backbone_options={"widths": (4,)})
+    f = method_flops(cfg, (3, 8, 8))
+    assert f["forward_per_image_task"] == conv / 2  # one shared pass serves both tasks
+    # backward: the weight gradient costs as much as the forward; the first layer needs no
+    # input gradient. Per (image, task) pair with both tasks in every step: 2 * conv / 2.
+    assert f["train_per_pair"] == 2 * conv / 2
+    tr = method_flops(RunConfig(method="tr", sigma=0.5, schedule="sample", tasks=2,
+                                backbone_options={"widths": (4,)}), (3, 8, 8))
+    assert tr["forward_per_image_task"] == conv  # one routed pass per task
+    assert count_flops(lambda: torch.nn.Linear(10, 5)(torch.randn(7, 10))) == 2 * 7 * 10 * 5
+
+
+def test_parameter_counts_of_a_known_network():
+    from mtlbench.engine import build_method
+    cfg = RunConfig(method="hard", sigma=1.0, schedule="all", tasks=3, backbone_options={"widths": (4, 6)})
+    p = build_method(cfg, 3).param_counts()
+    backbone = 3 * 4 * 9 + 2 * 4 + 4 * 6 * 9 + 2 * 6  # conv weights (no bias) + BN scale and shift
+    assert p["shared"] == backbone and p["task_specific"] == 3 * (6 + 1)
+    cs = build_method(RunConfig(method="cross-stitch", sigma=None, schedule="all", tasks=3,
+                                backbone_options={"widths": (4, 6)}), 3).param_counts()
+    assert cs["trainable"] == 3 * backbone + 9 * (4 + 6) + 3 * (6 + 1)
+
+
+def test_confidence_interval_on_a_known_sample():
+    # mean 2, sample sd 1, n 3: half-width = t(0.975, 2) * 1 / sqrt(3) = 4.303 / 1.7320508
+    assert ci95([1.0, 2.0, 3.0]) == pytest.approx(4.303 / 3 ** 0.5, rel=1e-9)
+    assert pd.isna(ci95([5.0]))
+    assert ci95([2.0, 2.0, 2.0, 2.0]) == 0.0
+
+
+def test_report_writes_every_figure_and_table(tmp_path, capsys):
+    res = tmp_path / "res"
+    assert main(["run", "--methods", "tr,hard,separate,stl", "--tasks", "2,3", "--sigma", "0.25,0.75",
+                 "--seed", "0,1", "--out", str(res), *TINY_ARGS]) == 0
+    out = tmp_path / "report"
+    assert main(["report", str(res), "--out", str(out)]) == 0
+    from mtlbench.report import FIGURES
+    for name in FIGURES:
+        assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.svg").exists()
+    readme = (out / "README.md").read_text()
+    assert "mtlbench run --methods tr,hard,separate,stl" in readme and "## Results" in readme
+    agg = pd.read_csv(out / "aggregate.csv")
+    assert set(agg["label"]) == {"tr σ=0.25", "tr σ=0.75", "hard", "separate", "stl"}
+    assert (agg["seeds"] == 2).all() and agg["mean_accuracy_ci95"].notna().all()
+
+
+def test_compare_passes_fails_and_reports_missing(tmp_path, capsys):
+    res = tmp_path / "res"
+    assert main(["run", "--methods", "hard,stl", "--tasks", "2", "--out", str(res), *TINY_ARGS]) == 0
+    base = pd.read_csv(res / "results.csv")
+    base.to_csv(tmp_path / "base.csv", index=False)
+    assert main(["compare", str(tmp_path / "base.csv"), str(res)]) == 0
+
+    worse = base.copy()
+    worse.loc[worse["method"] == "hard", "mean_accuracy"] -= 0.05  # 5 points
+    worse.to_csv(tmp_path / "worse.csv", index=False)
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "base.csv"), str(tmp_path / "worse.csv")]) == 1
+    assert "ACCURACY -5.00 pts" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "base.csv"), str(tmp_path / "worse.csv"), "--max-acc-drop", "6"]) == 0
+
+    slower = base.copy()
+    slower["train_pairs_per_s"] *= 0.5
+    slower.to_csv(tmp_path / "slower.csv", index=False)
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "base.csv"), str(tmp_path / "slower.csv")]) == 1
+    assert "SLOWER 50.0%" in capsys.readouterr().out
+
+    base[base["method"] == "hard"].to_csv(tmp_path / "partial.csv", index=False)
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "base.csv"), str(tmp_path / "partial.csv")]) == 1
+    assert "MISSING in new" in capsys.readouterr().out
+
+
+def test_compare_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["compare", str(tmp_path / "nope"), str(tmp_path)]) == 2
+    (tmp_path / "x.csv").write_text("a,b\n1,2\n")
+    assert main(["compare", str(tmp_path / "x.csv"), str(tmp_path / "x.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "not an mtlbench results table" in err
+
+
+def test_log_spaced_task_shorthand():
+    from mtlbench.cli import parse_tasks
+    assert parse_tasks("2:500") == [2, 5, 10, 20, 50, 100, 200, 500]
+    assert parse_tasks("3:40") == [3, 5, 10, 20, 40]
