@@ -122,9 +122,16 @@ class Synthetic(TaskDataset):
     std = (0.22, 0.22, 0.22)
 
     def __init__(self, root: str | None = None, split: str = "train", num_tasks: int = 40,
-                 config: SyntheticConfig | None = None, download: bool = False) -> None:
+                 config: SyntheticConfig | None = None, download: bool = False,
+                 task_names: list[str] | None = None) -> None:
         cfg = config or SyntheticConfig()
         check_split(split, self.splits, "synthetic")
+        all_names = [f"task{t:04d}" for t in range(MAX_TASKS)]
+        if task_names:  # generate up to the highest named task, then pick the named ones
+            bad = [n for n in task_names if n not in all_names]
+            if bad:
+                raise MtlbenchError(f"synthetic has no task {bad[0]!r}; tasks are task0000 ... task{MAX_TASKS - 1:04d}")
+            num_tasks = max(all_names.index(n) for n in task_names) + 1
         check_num_tasks(num_tasks, MAX_TASKS, "synthetic")
         if not 0.0 <= cfg.relatedness <= 1.0:
             raise MtlbenchError(f"synthetic: relatedness must be in [0, 1], got {cfg.relatedness}")
@@ -142,5 +149,8 @@ class Synthetic(TaskDataset):
         scores = ((_factors(z) - loc) / scale) @ directions.t()
         self.images = render(z, cfg.image_size, g)
         self.labels = (scores > thresholds).to(torch.uint8)
-        self.task_names = [f"task{t:04d}" for t in range(num_tasks)]
+        self.task_names = all_names[:num_tasks]
+        if task_names:
+            idx = [all_names.index(n) for n in task_names]
+            self.labels, self.task_names = self.labels[:, idx], list(task_names)
         self.split = split

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="train and evaluate methods over a grid of settings")
     r.add_argument("--methods", default="tr,hard,stl", help="comma list of registered methods")
-    r.add_argument("--tasks", default="40", help="number of tasks: 40, 2,10,40 or 2:500 (log-spaced)")
+    r.add_argument("--tasks", default=None, help="number of tasks: 40, 2,10,40 or 2:500 (log-spaced); default 40 or all the dataset has")
+    r.add_argument("--task-names", default=None, help="comma list of task names (instead of the first T)")
     r.add_argument("--dataset", default="synthetic")
     r.add_argument("--backbone", default="convnet")
     r.add_argument("--sigma", default="0.5", help="task routing's sharing ratio(s) in [0, 1]")
@@ -65,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     r.add_argument("--out", default=DEFAULT_OUT, help="results folder (reruns resume in it)")
     r.add_argument("--data-root", default=None, help="dataset folder (default $MTLBENCH_DATA or ~/.cache/mtlbench)")
+    r.add_argument("--download", action="store_true", help="let torchvision download missing files")
+    r.add_argument("--holdout", type=float, default=0.0,
+                   help="carve this fraction of --holdout-split off as the evaluation split (seeded)")
+    r.add_argument("--holdout-split", default="train", help="the split --holdout carves (train or test)")
     r.add_argument("--max-params", type=int, default=100_000_000,
                    help="record settings with more trainable parameters as skipped")
     r.add_argument("-o", "--option", action="append", default=[], metavar="TARGET.KEY=VALUE",
@@ -130,8 +135,16 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise MtlbenchError("--methods is empty")
-    tasks = parse_tasks(args.tasks)
     dataset = DATASETS.get(args.dataset)
+    names = [n.strip() for n in (args.task_names or "").split(",") if n.strip()]
+    if names and args.tasks and parse_tasks(args.tasks) != [len(names)]:
+        raise MtlbenchError(f"--tasks {args.tasks} disagrees with the {len(names)} --task-names")
+    tasks = [len(names)] if names else parse_tasks(args.tasks or str(min(40, dataset.max_tasks)))
+    if args.holdout and not 0.0 < args.holdout < 1.0:
+        raise MtlbenchError(f"--holdout must be a fraction in (0, 1), got {args.holdout:g}")
+    if args.holdout and args.holdout_split not in dataset.splits:
+        raise MtlbenchError(f"--holdout-split {args.holdout_split!r}: {args.dataset} has splits "
+                            f"{', '.join(dataset.splits)}")
     BACKBONES.get(args.backbone)
     if max(tasks) > dataset.max_tasks:
         raise MtlbenchError(f"{args.dataset} offers at most {dataset.max_tasks} tasks; --tasks asks for {max(tasks)}")
@@ -145,11 +158,14 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     net_opts.pop("in_channels")  # set from the dataset's images
     base = RunConfig(dataset=args.dataset, backbone=args.backbone, schedule=args.schedule,
                      steps_per_task=args.steps_per_task, batch_size=args.batch_size, lr=args.lr,
-                     device=args.device, dataset_options=data_opts, backbone_options=net_opts)
+                     device=args.device, dataset_options=data_opts, backbone_options=net_opts,
+                     task_names=names, holdout=args.holdout,
+                     holdout_split=args.holdout_split if args.holdout else "train")
     configs = expand(base, methods, tasks, _number_list(float, "--sigma")(args.sigma),
                      _number_list(int, "--seed")(args.seed))
     sweep = Sweep(Path(args.out), args.max_params, warn=lambda m: print(m, file=sys.stderr),
-                  data_root=args.data_root, command=" ".join(["mtlbench", *map(shlex.quote, argv)]))
+                  data_root=args.data_root, command=" ".join(["mtlbench", *map(shlex.quote, argv)]),
+                  download=args.download)
     sweep.run(configs)
     df = results.table(results.load_runs(sweep.out, warn=lambda m: print(m, file=sys.stderr)))
     results.write_tables(sweep.out, df)

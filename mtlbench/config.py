@@ -28,6 +28,9 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     eval_batch_size: int = 250
+    task_names: list = field(default_factory=list)  # pick tasks by name instead of the first T
+    holdout: float = 0.0          # carve this fraction of holdout_split off as the evaluation split
+    holdout_split: str = "train"
     dataset_options: dict = field(default_factory=dict)
     backbone_options: dict = field(default_factory=dict)
 

@@ -5,6 +5,8 @@ slice plus one normalisation, with no per-image Python work.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch.utils.data import Dataset
 
@@ -34,6 +36,12 @@ class TaskDataset(Dataset):
     @property
     def num_tasks(self) -> int:
         return self.labels.shape[1]
+
+    def subset(self, indices: torch.Tensor) -> "TaskDataset":
+        """A view of some images (same tasks), e.g. for a held-out evaluation split."""
+        part = copy.copy(self)
+        part.images, part.labels = self.images[indices], self.labels[indices]
+        return part
 
     def positive_rate(self) -> list[float]:
         return self.labels.float().mean(dim=0).tolist()

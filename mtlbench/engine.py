@@ -26,11 +26,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_data(cfg: RunConfig, root: str | None = None) -> tuple[TaskDataset, TaskDataset]:
-    """The train and test splits of ``cfg.dataset`` with ``cfg.tasks`` tasks."""
+HOLDOUT_SEED = 0  # the carve is the same for every method and seed, so runs stay comparable
+
+
+def load_data(cfg: RunConfig, root: str | None = None, download: bool = False) -> tuple[TaskDataset, TaskDataset]:
+    """Training and evaluation data of ``cfg.dataset`` with ``cfg.tasks`` tasks.
+
+    The official train and test splits, or, with ``cfg.holdout`` = f, ``cfg.holdout_split``
+    carved at random (fixed seed) into a (1 - f) training part and an f evaluation part.
+    """
     cls = DATASETS.get(cfg.dataset)
     options = make_config(cls.config_class, cfg.dataset_options, f"dataset {cfg.dataset!r}")
-    return tuple(cls(root, split, num_tasks=cfg.tasks, config=options) for split in ("train", "test"))
+    kwargs = {"num_tasks": cfg.tasks, "config": options, "download": download}
+    if cfg.task_names:
+        kwargs["task_names"] = list(cfg.task_names)
+    if not cfg.holdout:
+        return cls(root, "train", **kwargs), cls(root, "test", **kwargs)
+    if not 0.0 < cfg.holdout < 1.0:
+        raise MtlbenchError(f"--holdout must be a fraction in (0, 1), got {cfg.holdout:g}")
+    full = cls(root, cfg.holdout_split, **kwargs)
+    n_eval = round(cfg.holdout * len(full))
+    if not 0 < n_eval < len(full):
+        raise MtlbenchError(f"--holdout {cfg.holdout:g} of {len(full)} images leaves an empty part")
+    perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+    return full.subset(perm[n_eval:]), full.subset(perm[:n_eval])
 
 
 def build_method(cfg: RunConfig, in_channels: int) -> Method:
@@ -183,6 +202,7 @@ def execute(cfg: RunConfig, train_set: TaskDataset, test_set: TaskDataset,
         "runtime": {"device": str(device), "threads": torch.get_num_threads(), "memory_format": "channels_last",
                     "precision": "fp32"},
         "data": {"task_names": test_set.task_names, "positive_rate_train": train_set.positive_rate(),
+                 "positive_rate_test": test_set.positive_rate(),
                  "num_train": len(train_set), "num_test": len(test_set),
                  "options": dataclasses.asdict(train_set.config) if hasattr(train_set, "config") else {}},
     }

@@ -57,9 +57,9 @@ class Sweep:
     """Runs configurations into ``out``; finished runs (same config hash) are skipped."""
 
     def __init__(self, out: Path, max_params: int, warn: Callable[[str], None] = print,
-                 data_root: str | None = None, command: str = "") -> None:
+                 data_root: str | None = None, command: str = "", download: bool = False) -> None:
         self.out, self.max_params, self.warn, self.data_root = Path(out), max_params, warn, data_root
-        self.command = command
+        self.command, self.download = command, download
         results.check_writable(self.out)
         self._data: dict[str, tuple] = {}
 
@@ -68,9 +68,10 @@ class Sweep:
                 if r.get("status") in ("ok", "skipped")}
 
     def data(self, cfg: RunConfig) -> tuple:
-        key = repr((cfg.dataset, sorted(cfg.dataset_options.items()), cfg.tasks))
+        key = repr((cfg.dataset, sorted(cfg.dataset_options.items()), cfg.tasks, cfg.task_names,
+                    cfg.holdout, cfg.holdout_split))
         if key not in self._data:
-            self._data = {key: load_data(cfg, self.data_root)}  # keep one: sweeps go T by T
+            self._data = {key: load_data(cfg, self.data_root, self.download)}  # keep one: sweeps go T by T
         return self._data[key]
 
     def run(self, configs: list[RunConfig]) -> list[dict]:

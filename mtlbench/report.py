@@ -208,7 +208,7 @@ def _readme(title: str, runs: list[dict], df: pd.DataFrame, agg: pd.DataFrame, f
              f"- commit(s): {', '.join(commits)}",
              f"- machine: {env.get('cpu')}, {env.get('cpu_count')} CPUs, {env.get('threads')} torch threads, "
              f"GPU: {env.get('cuda') or 'none'}; {env.get('platform')}",
-             f"- packages: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()),
+             "- packages: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()),
              f"- runs: {len(df)} ({', '.join(f'{v} {k}' for k, v in status.items())}); "
              f"total run time {df['wall_seconds'].sum() / 60:.1f} min",
              "", "Numbers are the mean over seeds ± the half-width of the 95% t-interval.", "",
