@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate, the same for every method")
     r.add_argument("--seed", default="0", help="a seed or a comma list")
     r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    r.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="fp32, or autocast mixed precision (fp16 with a gradient scaler)")
+    r.add_argument("--tr-impl", default="auto", choices=["auto", "dense", "compact"],
+                   help="task routing: masked dense reference, compact active channels, or auto")
     r.add_argument("--out", default=DEFAULT_OUT, help="results folder (reruns resume in it)")
     r.add_argument("--data-root", default=None, help="dataset folder (default $MTLBENCH_DATA or ~/.cache/mtlbench)")
     r.add_argument("--download", action="store_true", help="let torchvision download missing files")
@@ -84,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--max-acc-drop", type=float, default=1.0, help="allowed accuracy drop, points")
     cmp_.add_argument("--max-slowdown", type=float, default=10.0, help="allowed throughput drop, percent")
     cmp_.add_argument("--metric", default="mean_accuracy", choices=["mean_accuracy", "mean_balanced_accuracy"])
+    b = sub.add_parser("bench", help="speed figures as ratios against same-process references")
+    b.add_argument("--quick", action="store_true", help="small shapes and 3 repeats (for tests)")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--device", default="cpu")
     ls = sub.add_parser("list", help="list registered methods, datasets and backbones")
     ls.add_argument("pattern", nargs="?", default="*", help="wildcard, e.g. 'cross*'")
     return p
@@ -159,7 +167,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     base = RunConfig(dataset=args.dataset, backbone=args.backbone, schedule=args.schedule,
                      steps_per_task=args.steps_per_task, batch_size=args.batch_size, lr=args.lr,
                      device=args.device, dataset_options=data_opts, backbone_options=net_opts,
-                     task_names=names, holdout=args.holdout,
+                     task_names=names, holdout=args.holdout, precision=args.precision, tr_impl=args.tr_impl,
                      holdout_split=args.holdout_split if args.holdout else "train")
     configs = expand(base, methods, tasks, _number_list(float, "--sigma")(args.sigma),
                      _number_list(int, "--seed")(args.seed))
@@ -199,7 +207,17 @@ def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
     return 1 if problems else 0
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "compare": cmd_compare}
+def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
+    import json
+
+    from mtlbench.bench import QUICK, Bench, render
+    _check_device(args.device)
+    figures = Bench(args.device, QUICK if args.quick else None).run()
+    print(json.dumps(figures, indent=1) if args.json else render(figures))
+    return 0
+
+
+COMMANDS = {"bench": cmd_bench, "run": cmd_run, "list": cmd_list, "report": cmd_report, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

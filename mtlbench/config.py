@@ -31,6 +31,8 @@ class RunConfig:
     task_names: list = field(default_factory=list)  # pick tasks by name instead of the first T
     holdout: float = 0.0          # carve this fraction of holdout_split off as the evaluation split
     holdout_split: str = "train"
+    precision: str = "fp32"       # fp32, bf16 or fp16 (autocast; fp16 adds a gradient scaler)
+    tr_impl: str = "auto"         # task routing: dense, compact or auto ("" for other methods)
     dataset_options: dict = field(default_factory=dict)
     backbone_options: dict = field(default_factory=dict)
 

@@ -63,6 +63,8 @@ def build_method(cfg: RunConfig, in_channels: int) -> Method:
     if sigma is not None and not 0.0 <= sigma <= 1.0:
         raise MtlbenchError(f"--sigma must be in [0, 1], got {sigma}")
     options = {"schedule": schedule, **({"sigma": sigma} if sigma is not None else {})}
+    if cfg.tr_impl and "impl" in {f.name for f in dataclasses.fields(cls.config_class)}:
+        options["impl"] = cfg.tr_impl
     method_cfg = make_config(cls.config_class, options, f"method {cfg.method!r}")
     backbone = resolve_backbone(cfg.backbone, in_channels, cfg.backbone_options)
     seed_everything(cfg.seed)
@@ -78,6 +80,17 @@ def make_optimizer(model: Method, cfg: RunConfig) -> torch.optim.Optimizer:
     raise MtlbenchError(f"unknown optimizer {cfg.optimizer!r}; valid: adam, sgd")
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(cfg: RunConfig):
+    """Mixed precision for ``bf16``/``fp16`` (autocast); a no-op context for ``fp32``."""
+    if cfg.precision not in PRECISIONS:
+        raise MtlbenchError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    dtype = PRECISIONS[cfg.precision]
+    return torch.autocast(torch.device(cfg.device).type, dtype=dtype, enabled=dtype is not None)
+
+
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum over the supervised tasks of each task's mean binary cross-entropy."""
     return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="mean") * logits.shape[1]
@@ -88,6 +101,8 @@ def train(model: Method, batches: Batches, cfg: RunConfig,
     """Run the method's schedule. Each task's k-th supervised batch is batch k of the stream."""
     model.train()
     opt = make_optimizer(model, cfg)
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler(torch.device(cfg.device).type, enabled=cfg.precision == "fp16")
     generator = torch.Generator().manual_seed(cfg.seed)
     seen = [0] * model.num_tasks  # supervised batches per task so far
     steps, pairs, data_s, last_loss, step_s = 0, 0, 0.0, float("nan"), []
@@ -97,12 +112,14 @@ def train(model: Method, batches: Batches, cfg: RunConfig,
         x, y = batches.get(seen[tasks[0]])
         t1 = clock(cfg.device)
         data_s += t1 - t0
-        loss = task_loss(model(x, tasks), y[:, tasks])
+        with autocast(cfg):
+            loss = task_loss(model(x, tasks).float(), y[:, tasks])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {steps}")
         opt.zero_grad(set_to_none=True)  # so untouched parameters get no update (stl)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         for t in tasks:
             seen[t] += 1
         steps, pairs = steps + 1, pairs + len(x) * len(tasks)
@@ -126,7 +143,7 @@ def train(model: Method, batches: Batches, cfg: RunConfig,
 
 @torch.no_grad()
 def predict(model: Method, images: torch.Tensor, batches: Batches, batch_size: int,
-            device: str = "cpu") -> tuple[torch.Tensor, dict]:
+            cfg: RunConfig) -> tuple[torch.Tensor, dict]:
     """Logits of every task for every image ``[N, T]``, and all-task inference throughput.
 
     Each evaluation batch is timed; the first is the warm-up and the median of the rest
@@ -135,9 +152,10 @@ def predict(model: Method, images: torch.Tensor, batches: Batches, batch_size: i
     model.eval()
     out, times = [], []
     for i in range(0, len(images), batch_size):
-        start = clock(device)
-        out.append(model.predict_all(batches.normalise(images[i:i + batch_size])))
-        times.append((clock(device) - start, len(out[-1])))
+        start = clock(cfg.device)
+        with autocast(cfg):
+            out.append(model.predict_all(batches.normalise(images[i:i + batch_size])).float())
+        times.append((clock(cfg.device) - start, len(out[-1])))
     timed = times[1:] or times
     per_image = statistics.median(t / n for t, n in timed)
     return torch.cat(out), {"seconds": sum(t for t, _ in times), "images": len(images),
@@ -153,9 +171,17 @@ def method_flops(cfg: RunConfig, image_shape: tuple[int, ...]) -> dict:
     schedule, over its supervised (image, task) pairs.
     """
     with torch.device("meta"):
-        model = build_method(cfg, image_shape[0]).to("meta")
+        model = build_method(cfg, image_shape[0])
+    model.prepare(torch.device(cfg.device))  # masks are real tensors even here: see draw_masks
+    device = "meta"
+    if getattr(model, "impl", "dense") == "compact":
+        # Gathering active channels needs real indices: count this one on the CPU (batch 2).
+        model, device = build_method(cfg, image_shape[0]), "cpu"
+        model.prepare(torch.device(cfg.device))
+    else:
+        model = model.to("meta")
     batch = 2  # FLOPs are linear in the batch; two images keep batch norm well defined
-    x = torch.empty(batch, *image_shape, device="meta")
+    x = torch.empty(batch, *image_shape, device=device)
     model.eval()
     forward = count_flops(lambda: model.predict_all(x[:1]))
     model.train()
@@ -184,10 +210,11 @@ def execute(cfg: RunConfig, train_set: TaskDataset, test_set: TaskDataset,
     flops = method_flops(cfg, tuple(train_set.images.shape[1:]))
     with PeakMemory(cfg.device) as memory:
         model = build_method(cfg, train_set.images.shape[1]).to(device, memory_format=torch.channels_last)
+        model.prepare(device)
         batches = Batches(train_set.images.to(device), train_set.labels.to(device), cfg.batch_size,
                           cfg.seed, train_set.mean, train_set.std)
         timing = train(model, batches, cfg, progress)
-        logits, inference = predict(model, test_set.images.to(device), batches, cfg.eval_batch_size, cfg.device)
+        logits, inference = predict(model, test_set.images.to(device), batches, cfg.eval_batch_size, cfg)
     metrics = binary_metrics(logits.cpu(), test_set.labels)
     return {
         "method_config": dataclasses.asdict(model.config),
@@ -200,7 +227,8 @@ def execute(cfg: RunConfig, train_set: TaskDataset, test_set: TaskDataset,
         "flops": flops,
         "memory": {"peak_bytes": memory.bytes, "how": memory.how},
         "runtime": {"device": str(device), "threads": torch.get_num_threads(), "memory_format": "channels_last",
-                    "precision": "fp32"},
+                    "precision": cfg.precision, "autocast": cfg.precision != "fp32",
+                    "grad_scaler": cfg.precision == "fp16"},
         "data": {"task_names": test_set.task_names, "positive_rate_train": train_set.positive_rate(),
                  "positive_rate_test": test_set.positive_rate(),
                  "num_train": len(train_set), "num_test": len(test_set),

@@ -38,9 +38,10 @@ def expand(base: RunConfig, methods: list[str], tasks: list[int], sigmas: list[f
         for seed in seeds:
             for name, cls in classes.items():
                 schedule = base.schedule if base.schedule in cls.schedules else cls.schedules[0]
+                has_impl = "impl" in {f.name for f in dataclasses.fields(cls.config_class)}
                 for sigma in sigmas if cls.uses_sigma else [cls.fixed_sigma]:
                     cfg = dataclasses.replace(base, method=name, tasks=t, sigma=sigma, seed=seed,
-                                              schedule=schedule)
+                                              schedule=schedule, tr_impl=base.tr_impl if has_impl else "")
                     if cfg.key() not in seen:
                         seen.add(cfg.key())
                         out.append(cfg)

@@ -86,6 +86,9 @@ class Method(nn.Module):
     def param_counts(self) -> dict:
         raise NotImplementedError
 
+    def prepare(self, device: torch.device) -> None:
+        """Called once the model is on its device: choose device-dependent implementations."""
+
     def describe(self) -> dict:
         """Method-specific facts worth recording in a result (insertion points, etc.)."""
         return {}

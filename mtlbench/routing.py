@@ -12,6 +12,7 @@ forward order (torchvision's and timm's do) can be routed, not only our backbone
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm)
@@ -58,7 +59,39 @@ class TaskRoute(nn.Module):
 
 
 class Routed(nn.Sequential):
-    """The original layer followed by its router; replaces the layer in its parent."""
+    """The original layer followed by its router; replaces the layer in its parent.
+
+    A batch norm's running statistics are updated only for the channels the active task
+    keeps: a unit's statistics come from the tasks routed through it. (Standard batch norm
+    would also update dropped units from a task that never uses them; this choice also
+    makes the compact implementation exactly equivalent, see ``mtlbench.compact``.)
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer, route = self[0], self[1]
+        if not (self.training and is_tracking_batch_norm(layer)):
+            return route(layer(x))
+        # Normalise with copies of the running statistics (autograd keeps the tensors it was
+        # given, so the buffers themselves must not be changed in place), then keep the
+        # copies' update only where the task keeps the unit.
+        mean, var = layer.running_mean.clone(), layer.running_var.clone()
+        y = F.batch_norm(x, mean, var, layer.weight, layer.bias, True, momentum_step(layer), layer.eps)
+        keep = route.masks[route.task] > 0
+        with torch.no_grad():
+            layer.running_mean.copy_(torch.where(keep, mean, layer.running_mean))
+            layer.running_var.copy_(torch.where(keep, var, layer.running_var))
+        return route(y)
+
+
+def is_tracking_batch_norm(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats \
+        and layer.running_mean is not None
+
+
+def momentum_step(bn: nn.modules.batchnorm._BatchNorm) -> float:
+    """Count one training batch and return the momentum to use for it (as nn.BatchNorm does)."""
+    bn.num_batches_tracked.add_(1)
+    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
 
 
 def route_points(module: nn.Module, prefix: str = "") -> list[tuple[nn.Module, str, str, int]]:

@@ -1,6 +1,7 @@
 """Sweeps: resume after SIGKILL, failures recorded, budgets, corrupt files, measurement."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -100,9 +101,13 @@ def test_flops_of_a_known_network_equal_hand_counts():
     # backward: the weight gradient costs as much as the forward; the first layer needs no
     # input gradient. Per (image, task) pair with both tasks in every step: 2 * conv / 2.
     assert f["train_per_pair"] == 2 * conv / 2
-    tr = method_flops(RunConfig(method="tr", sigma=0.5, schedule="sample", tasks=2,
-                                backbone_options={"widths": (4,)}), (3, 8, 8))
-    assert tr["forward_per_image_task"] == conv  # one routed pass per task
+    tr_cfg = RunConfig(method="tr", sigma=0.5, schedule="sample", tasks=2, backbone_options={"widths": (4,)})
+    dense = method_flops(dataclasses.replace(tr_cfg, tr_impl="dense"), (3, 8, 8))
+    assert dense["forward_per_image_task"] == conv  # one full masked pass per task
+    # Compact: each task's pass computes only its kept channels (3 of 4 here: one owned,
+    # plus round(0.5 * 3) = 2 of the others).
+    compact = method_flops(dataclasses.replace(tr_cfg, tr_impl="compact"), (3, 8, 8))
+    assert compact["forward_per_image_task"] == conv * 3 / 4
     assert count_flops(lambda: torch.nn.Linear(10, 5)(torch.randn(7, 10))) == 2 * 7 * 10 * 5
 
 

@@ -1,0 +1,139 @@
+"""``mtlbench bench``: speed figures as ratios against references measured in the same process.
+
+Every figure: warm-up, then the median of at least 5 timed repeats (``--quick`` uses
+smaller shapes and 3 repeats, for tests), on one device, with the thread count recorded.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from mtlbench.config import RunConfig
+from mtlbench.data import Batches
+from mtlbench.engine import build_method, make_optimizer, method_flops, task_loss
+from mtlbench.measure import time_call
+from mtlbench.results import environment
+
+
+@dataclasses.dataclass
+class BenchShape:
+    tasks: int = 40
+    batch: int = 64
+    size: int = 32
+    matmul: int = 2048
+    repeats: int = 5
+    cross_stitch_tasks: tuple[int, ...] = (10, 40)
+
+
+QUICK = BenchShape(tasks=4, batch=16, size=16, matmul=512, repeats=3, cross_stitch_tasks=(2, 4))
+
+
+class Bench:
+    def __init__(self, device: str = "cpu", shape: BenchShape | None = None) -> None:
+        self.device, self.shape = torch.device(device), shape or BenchShape()
+        self.x = torch.randn(self.shape.batch, 3, self.shape.size, self.shape.size, device=self.device)
+        self.x = self.x.contiguous(memory_format=torch.channels_last)
+
+    def timed(self, fn) -> float:
+        return time_call(fn, warmup=2, repeats=self.shape.repeats, device=str(self.device))["median_s"]
+
+    def model(self, method: str, tasks: int, **changes):
+        cfg = RunConfig(method=method, tasks=tasks, device=str(self.device), **changes)
+        model = build_method(cfg, 3).to(self.device, memory_format=torch.channels_last)
+        model.prepare(self.device)
+        return cfg, model
+
+    def train_step(self, cfg: RunConfig, model) -> callable:
+        opt = make_optimizer(model, cfg)
+        y = torch.randint(0, 2, (self.shape.batch, cfg.tasks), device=self.device)
+        schedule = iter(model.schedule(10_000, torch.Generator().manual_seed(0)))
+
+        def step():
+            tasks = next(schedule)
+            opt.zero_grad(set_to_none=True)
+            task_loss(model(self.x, tasks), y[:, tasks]).backward()
+            opt.step()
+        return step
+
+    def ceiling_gflops(self) -> float:
+        n = self.shape.matmul
+        a, b = (torch.randn(n, n, device=self.device) for _ in range(2))
+        return 2 * n ** 3 / self.timed(lambda: a @ b) / 1e9
+
+    def train_gflops(self) -> float:
+        cfg, model = self.model("hard", self.shape.tasks, sigma=1.0, schedule="all")
+        flops = method_flops(cfg, (3, self.shape.size, self.shape.size))["train_per_pair"]
+        step_flops = flops * self.shape.batch * self.shape.tasks
+        return step_flops / self.timed(self.train_step(cfg, model)) / 1e9
+
+    def tr_compact_speedup(self, sigma: float) -> float:
+        times = {}
+        for impl in ("dense", "compact"):
+            cfg, model = self.model("tr", self.shape.tasks, sigma=sigma, schedule="sample", tr_impl=impl)
+            times[impl] = self.timed(self.train_step(cfg, model))
+        return times["dense"] / times["compact"]
+
+    @torch.no_grad()
+    def tr_all_task_inference_speedup(self, sigma: float = 0.5) -> float:
+        times = {}
+        for impl in ("dense", "compact"):
+            _, model = self.model("tr", self.shape.tasks, sigma=sigma, schedule="sample", tr_impl=impl)
+            model.eval()
+            times[impl] = self.timed(lambda: model.predict_all(self.x))
+        return times["dense"] / times["compact"]
+
+    def cross_stitch_step_s_per_task(self) -> dict[str, float]:
+        out = {}
+        for t in self.shape.cross_stitch_tasks:
+            cfg, model = self.model("cross-stitch", t, sigma=None, schedule="all")
+            out[str(t)] = self.timed(self.train_step(cfg, model)) / t
+        return out
+
+    def data_fraction_of_step(self) -> float:
+        """Batch slicing and normalisation time over one default ``tr`` training step."""
+        n = 10_000
+        images = torch.randint(0, 256, (n, 3, self.shape.size, self.shape.size), dtype=torch.uint8,
+                               device=self.device)
+        labels = torch.randint(0, 2, (n, self.shape.tasks), dtype=torch.uint8, device=self.device)
+        batches = Batches(images, labels, self.shape.batch, 0, (0.5,) * 3, (0.25,) * 3)
+        k = iter(range(10 ** 9))
+        data = self.timed(lambda: batches.get(next(k)))
+        cfg, model = self.model("tr", self.shape.tasks, sigma=0.5, schedule="sample")
+        return data / self.timed(self.train_step(cfg, model))
+
+    def run(self) -> dict:
+        ceiling = self.ceiling_gflops()
+        train = self.train_gflops()
+        return {
+            "ceiling_gflops": ceiling,
+            "train_gflops": train,
+            "train_fraction_of_ceiling": train / ceiling,
+            "tr_compact_speedup": {f"{s:g}": self.tr_compact_speedup(s) for s in (0.5, 0.25)},
+            "tr_all_task_inference_speedup": self.tr_all_task_inference_speedup(0.5),
+            "cross_stitch_step_s_per_task": self.cross_stitch_step_s_per_task(),
+            "data_fraction_of_step": self.data_fraction_of_step(),
+            "setting": {**dataclasses.asdict(self.shape), "device": str(self.device),
+                        "threads": torch.get_num_threads(), "memory_format": "channels_last",
+                        "backbone": "convnet (default)", "timing": "median of repeats after 2 warm-up calls"},
+            "environment": environment(),
+        }
+
+
+def render(figures: dict) -> str:
+    s = figures["setting"]
+    rows = [
+        ("ceiling_gflops", f"{figures['ceiling_gflops']:.1f}", f"{s['matmul']}x{s['matmul']} fp32 matmul"),
+        ("train_gflops", f"{figures['train_gflops']:.1f}", f"hard, T={s['tasks']}, batch {s['batch']}, {s['size']}px"),
+        ("train_fraction_of_ceiling", f"{figures['train_fraction_of_ceiling']:.2f}", "target >= 0.75"),
+    ]
+    for sigma, v in figures["tr_compact_speedup"].items():
+        rows.append((f"tr_compact_speedup[{sigma}]", f"{v:.2f}x", f"training step, dense/compact, T={s['tasks']}"))
+    rows.append(("tr_all_task_inference_speedup", f"{figures['tr_all_task_inference_speedup']:.2f}x",
+                 f"sigma 0.5, T={s['tasks']}: T masked passes / compact all-task path"))
+    for t, v in figures["cross_stitch_step_s_per_task"].items():
+        rows.append((f"cross_stitch_step_s_per_task[{t}]", f"{v * 1000:.1f} ms", "training step time / T"))
+    rows.append(("data_fraction_of_step", f"{figures['data_fraction_of_step']:.4f}", "target < 0.05"))
+    width = max(len(r[0]) for r in rows)
+    head = f"device {s['device']}, {s['threads']} threads; {s['timing']}"
+    return "\n".join([head] + [f"{a:<{width}}  {b:>10}  {c}" for a, b, c in rows])

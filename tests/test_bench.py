@@ -1,0 +1,47 @@
+"""``mtlbench bench --quick --json`` reports every figure as a finite number (no thresholds)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from mtlbench.cli import main
+
+from conftest import TINY_ARGS
+
+
+def test_bench_quick_json_has_every_key(capsys):
+    assert main(["bench", "--quick", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    flat = {
+        "ceiling_gflops": figures["ceiling_gflops"],
+        "train_gflops": figures["train_gflops"],
+        "train_fraction_of_ceiling": figures["train_fraction_of_ceiling"],
+        "tr_compact_speedup.0.5": figures["tr_compact_speedup"]["0.5"],
+        "tr_compact_speedup.0.25": figures["tr_compact_speedup"]["0.25"],
+        "tr_all_task_inference_speedup": figures["tr_all_task_inference_speedup"],
+        "data_fraction_of_step": figures["data_fraction_of_step"],
+        **{f"cross_stitch.{k}": v for k, v in figures["cross_stitch_step_s_per_task"].items()},
+    }
+    assert len(figures["cross_stitch_step_s_per_task"]) == 2
+    for name, value in flat.items():
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, name
+    assert figures["setting"]["threads"] >= 1
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_and_is_recorded(tmp_path, capsys, precision):
+    assert main(["run", "--methods", "tr,hard", "--tasks", "2", "--precision", precision,
+                 "--out", str(tmp_path), *TINY_ARGS]) == 0
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
+    assert all(r["status"] == "ok" and r["runtime"]["precision"] == precision for r in runs)
+    assert all(r["runtime"]["grad_scaler"] == (precision == "fp16") for r in runs)
+
+
+def test_tr_impl_is_recorded(tmp_path, capsys):
+    assert main(["run", "--methods", "tr", "--tasks", "2", "--tr-impl", "compact", "--out", str(tmp_path),
+                 *TINY_ARGS]) == 0
+    (path,) = (tmp_path / "runs").glob("*.json")
+    run = json.loads(path.read_text())
+    assert run["method_details"]["impl"] == "compact" and run["config"]["tr_impl"] == "compact"
