@@ -56,6 +56,11 @@ class CrossStitch(Method):
         feats = self.features(x)
         return torch.stack([self.heads.one(feats[t], t) for t in tasks], dim=1)
 
+    def describe(self) -> dict:
+        # A Python loop over the columns: on a 2-core CPU it beat a grouped convolution
+        # (1.2-1.3x) and torch.func.vmap over stacked parameters (2-4x); see the README.
+        return {"column_impl": "loop", "columns": self.num_tasks}
+
     def param_counts(self) -> dict:
         stitches = sum(a.numel() for a in self.alphas)
         return {

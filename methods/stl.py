@@ -40,5 +40,10 @@ class SingleTask(Method):
     def forward(self, x: torch.Tensor, tasks: list[int]) -> torch.Tensor:
         return torch.stack([self.heads[t].one(self.columns[t](x), 0) for t in tasks], dim=1)
 
+    def describe(self) -> dict:
+        # A Python loop over the columns: on a 2-core CPU it beat a grouped convolution
+        # (1.2-1.3x) and torch.func.vmap over stacked parameters (2-4x); see the README.
+        return {"column_impl": "loop", "columns": self.num_tasks}
+
     def param_counts(self) -> dict:
         return {"trainable": count(self), "shared": 0, "task_specific": count(self)}
