@@ -171,6 +171,22 @@ def summary_table(agg: pd.DataFrame) -> pd.DataFrame:
     }).sort_values(["T", "method"], kind="stable")
 
 
+def growth_table(agg: pd.DataFrame) -> pd.DataFrame:
+    """How each series' cost changes from its smallest to its largest T (measured values)."""
+    rows = []
+    for label, group in agg.groupby("label", sort=True):
+        lo, hi = group.loc[group["tasks"].idxmin()], group.loc[group["tasks"].idxmax()]
+        if lo["tasks"] == hi["tasks"]:
+            continue
+        ratio = lambda m: hi[f"{m}_mean"] / lo[f"{m}_mean"]  # noqa: E731
+        rows.append({"method": label, "T": f"{lo['tasks']} → {hi['tasks']}",
+                     "params ×": ratio("params_trainable"),
+                     "train pairs/s ×": ratio("train_pairs_per_s"),
+                     "infer img/s ×": ratio("eval_images_per_s"),
+                     "wall s ×": ratio("wall_seconds")})
+    return pd.DataFrame(rows)
+
+
 def write_report(results_dir: Path, out: Path, title: str | None = None, warn=print) -> list[Path]:
     """Write tables, figures and README.md into ``out``; returns the files written."""
     runs = results.load_runs(Path(results_dir), warn=warn)
@@ -212,7 +228,10 @@ def _readme(title: str, runs: list[dict], df: pd.DataFrame, agg: pd.DataFrame, f
              f"- runs: {len(df)} ({', '.join(f'{v} {k}' for k, v in status.items())}); "
              f"total run time {df['wall_seconds'].sum() / 60:.1f} min",
              "", "Numbers are the mean over seeds ± the half-width of the 95% t-interval.", "",
-             "## Results", "", _md_table(summary_table(agg)), ""]
+             "## Results", "", _md_table(summary_table(agg)), "",
+             "## How cost grows with the number of tasks", "",
+             "Ratios of the largest-T to the smallest-T value of each series (1.00 = flat).", "",
+             _md_table(growth_table(agg)), ""]
     skipped = df[df["status"] != "ok"]
     if len(skipped):
         lines += ["## Skipped or failed runs", "", _md_table(skipped[["method", "tasks", "sigma", "seed",

@@ -104,10 +104,11 @@ def test_flops_of_a_known_network_equal_hand_counts():
     tr_cfg = RunConfig(method="tr", sigma=0.5, schedule="sample", tasks=2, backbone_options={"widths": (4,)})
     dense = method_flops(dataclasses.replace(tr_cfg, tr_impl="dense"), (3, 8, 8))
     assert dense["forward_per_image_task"] == conv  # one full masked pass per task
-    # Compact: each task's pass computes only its kept channels (3 of 4 here: one owned,
-    # plus round(0.5 * 3) = 2 of the others).
-    compact = method_flops(dataclasses.replace(tr_cfg, tr_impl="compact"), (3, 8, 8))
-    assert compact["forward_per_image_task"] == conv * 3 / 4
+    # Compact: each task's pass computes only its kept channels. At sigma 0 with 2 tasks and
+    # 16 channels each task keeps exactly 8 (a multiple of the padding unit, so no padding).
+    sep = RunConfig(method="tr", sigma=0.0, schedule="sample", tasks=2, backbone_options={"widths": (16,)},
+                    tr_impl="compact")
+    assert method_flops(sep, (3, 8, 8))["forward_per_image_task"] == 2 * 8 * 8 * 8 * 3 * 9
     assert count_flops(lambda: torch.nn.Linear(10, 5)(torch.randn(7, 10))) == 2 * 7 * 10 * 5
 
 
