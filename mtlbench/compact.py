@@ -48,7 +48,7 @@ class CompactRouting:
         self.leaves = leaves
         self._active: dict[tuple, list[torch.Tensor]] = {}
 
-    def active(self, task: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def active(self, task: int, device: torch.device, pad: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Per routed layer: the channels to compute and, if some are padding, which are kept.
 
         The kept channels are padded with dropped ones up to a multiple of ``PAD``: CPU
@@ -57,16 +57,16 @@ class CompactRouting:
         2.14, 2-core CPU). 8 measured best among 1, 8 and 16 for the default backbone. Padding channels are multiplied by zero after the norm, exactly as in the dense
         form, so they get zero gradient and their running statistics are left alone.
         """
-        key = (task, device)
+        key = (task, device, pad)
         if key not in self._active:
-            self._active[key] = [self._padded(m[1].masks[task], device) for m in self.leaves
+            self._active[key] = [self._padded(m[1].masks[task], device, pad) for m in self.leaves
                                  if isinstance(m, Routed)]
         return self._active[key]
 
     @staticmethod
-    def _padded(mask: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _padded(mask: torch.Tensor, device: torch.device, pad: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         kept, dropped = (mask > 0).nonzero().flatten(), (mask == 0).nonzero().flatten()
-        size = min(len(mask), -(-len(kept) // PAD) * PAD)
+        size = min(len(mask), -(-len(kept) // pad) * pad)
         idx = torch.cat([kept, dropped[:size - len(kept)]]).sort().values
         keep = mask[idx] > 0
         return idx.to(device), (None if bool(keep.all()) else keep.to(device))
@@ -74,7 +74,8 @@ class CompactRouting:
     def forward(self, x: torch.Tensor, task: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled features of the task's active last-layer channels, and those channels."""
         idx_in, layer, out, keep = None, 0, None, None
-        active = self.active(task, x.device)
+        # Padding pays for itself in the batch-norm backward; inference needs none.
+        active = self.active(task, x.device, PAD if torch.is_grad_enabled() else 1)
         for m in self.leaves:
             if isinstance(m, nn.Conv2d):
                 out, keep = active[layer]

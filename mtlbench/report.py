@@ -33,6 +33,8 @@ def _series(agg: pd.DataFrame):
     """(label, method, rows sorted by tasks, line style) for each method/sigma series."""
     sigmas = sorted(agg.loc[agg["method"] == "tr", "sigma"].dropna().unique())
     for label, rows in agg.groupby("label", sort=True):
+        if rows["tasks"].nunique() < 2 and agg["tasks"].nunique() > 1:
+            continue  # a sigma probed at one T only: it belongs to the accuracy-vs-sigma figure
         method = rows["method"].iloc[0]
         style = TR_STYLES[sigmas.index(rows["sigma"].iloc[0]) % len(TR_STYLES)] if method == "tr" else "-"
         yield label, method, rows.sort_values("tasks"), style
@@ -102,6 +104,9 @@ def fig_accuracy_vs_sigma(agg, runs):
     tr = agg[agg["method"] == "tr"]
     if tr.empty:
         return None
+    swept = tr.groupby("tasks")["sigma"].nunique()
+    if (swept > 1).any():  # only the T at which sigma was actually swept
+        tr = tr[tr["tasks"].isin(swept[swept > 1].index)]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for i, (t, rows) in enumerate(tr.groupby("tasks")):
         rows = rows.sort_values("sigma")
