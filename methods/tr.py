@@ -11,7 +11,10 @@ step, losses summed).
 
 Deviations from the paper: ``sample`` draws without replacement from ``steps_per_task``
 copies of each task, so every task gets exactly the same number of batches; heads are
-binary (one logit per task) since every mtlbench task is binary.
+binary (one logit per task) since every mtlbench task is binary; a unit's batch-norm
+running statistics are updated only by batches of tasks that keep it (the paper's code
+updates them from every task's batches). Besides the masked dense form (the reference), a
+compact form runs only each task's kept channels (``--tr-impl``, see mtlbench.compact).
 """
 from __future__ import annotations
 
