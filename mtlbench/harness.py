@@ -117,8 +117,11 @@ class Sweep:
         with tqdm(total=total, desc=label, leave=False, unit="step", dynamic_ncols=True) as bar:
             try:
                 return {"status": "ok", **execute(cfg, train_set, test_set, bar.update)}
-            except (RuntimeError, FloatingPointError, MemoryError) as exc:
-                # Out of memory, a non-finite loss, a kernel failure: record it and go on.
+            except MtlbenchError:
+                raise  # bad input: one line and exit 2, not a failed run
+            except Exception as exc:
+                # Out of memory, a non-finite loss, a kernel failure, a plugin's bug: record it
+                # and go on with the sweep.
                 log.debug("run failed", exc_info=True)
                 self.warn(f"mtlbench: {label} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
                 return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}",
