@@ -54,8 +54,9 @@ class CompactRouting:
         The kept channels are padded with dropped ones up to a multiple of ``PAD``: CPU
         batch-norm kernels in channels_last run several times slower on odd channel counts
         (17 channels: 5.3 ms for a batch-norm backward that takes 1.0 ms at 16; torch
-        2.14, 2-core CPU). 8 measured best among 1, 8 and 16 for the default backbone. Padding channels are multiplied by zero after the norm, exactly as in the dense
-        form, so they get zero gradient and their running statistics are left alone.
+        2.14, 2-core CPU). 8 measured best among 1, 8 and 16 for the default backbone. Padding
+        channels are zeroed by the norm (scale and shift multiplied by 0), as the dense form's
+        mask would, so they get zero gradient and their running statistics are left alone.
         """
         key = (task, device, pad)
         if key not in self._active:
@@ -83,11 +84,11 @@ class CompactRouting:
                 if idx_in is not None:
                     w = w.index_select(1, idx_in)
                 b = m.bias.index_select(0, out) if m.bias is not None else None
+                if x.is_contiguous(memory_format=torch.channels_last):
+                    w = w.contiguous(memory_format=torch.channels_last)  # one layout for mkldnn
                 x = F.conv2d(x, w, b, m.stride, m.padding, m.dilation)
             elif isinstance(m, Routed):
                 x = self._norm(m[0], x, out, keep)
-                if keep is not None:
-                    x = x * keep.to(x.dtype).view(1, -1, 1, 1)
                 idx_in, layer = out, layer + 1
             else:
                 x = m(x)
@@ -97,6 +98,8 @@ class CompactRouting:
     def _norm(bn: nn.BatchNorm2d, x: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """Batch norm on the computed channels; only kept ones update running statistics."""
         weight, bias = bn.weight.index_select(0, idx), bn.bias.index_select(0, idx)
+        if keep is not None:  # padding channels: scale and shift 0 make them exactly 0, with
+            weight, bias = weight * keep, bias * keep  # zero gradient, at the cost of a vector
         if not (bn.training and is_tracking_batch_norm(bn)):
             stats = (None, None) if bn.running_mean is None else \
                 (bn.running_mean.index_select(0, idx), bn.running_var.index_select(0, idx))
