@@ -40,9 +40,9 @@ def test_train_step_equivalence(sigma, schedule):
         loss.backward()
         losses.append(loss)
     assert close(*losses)
-    for (name, p), q in zip(dense.named_parameters(), compact.parameters()):
+    for (name, p), q in zip(dense.named_parameters(), compact.parameters(), strict=True):
         assert close(p.grad, q.grad), name
-    for (name, b), c in zip(dense.named_buffers(), compact.buffers()):
+    for (name, b), c in zip(dense.named_buffers(), compact.buffers(), strict=True):
         assert close(b.float(), c.float()), name  # running statistics (and masks)
 
 
@@ -63,11 +63,11 @@ def test_adam_states_stay_identical_over_a_sample_schedule():
     opts = [make_optimizer(m, cfg) for m in (dense, compact)]
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 2, (8, 6))
     for tasks in list(sample_schedule(6, 2, torch.Generator().manual_seed(0))):
-        for model, opt in zip((dense, compact), opts):
+        for model, opt in zip((dense, compact), opts, strict=True):
             opt.zero_grad(set_to_none=True)
             task_loss(model(x, tasks), y[:, tasks]).backward()
             opt.step()
-    for p, q in zip(dense.parameters(), compact.parameters()):
+    for p, q in zip(dense.parameters(), compact.parameters(), strict=True):
         assert close(p, q)
         sp, sq = opts[0].state[p], opts[1].state[q]
         assert close(sp["exp_avg"], sq["exp_avg"]) and close(sp["exp_avg_sq"], sq["exp_avg_sq"])

@@ -42,7 +42,7 @@ def test_one_step_changes_parameters_with_finite_loss(tiny_config, tiny_data, na
     opt = make_optimizer(model, cfg)
     loss.backward()
     opt.step()
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -121,5 +121,5 @@ def test_stl_task_loss_leaves_other_networks_unchanged(tiny_config, tiny_data):
     saved = {j: network(j) for j in (0, 2)}
     steps(1)
     for j in (0, 2):
-        assert all(torch.equal(a, b) for a, b in zip(saved[j], network(j)))
-    assert not all(torch.equal(a, b) for a, b in zip(network(1), network(0)))
+        assert all(torch.equal(a, b) for a, b in zip(saved[j], network(j), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(network(1), network(0), strict=True))
