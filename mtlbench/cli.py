@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-params", type=int, default=100_000_000,
                    help="record settings with more trainable parameters as skipped")
     r.add_argument("-o", "--option", action="append", default=[], metavar="TARGET.KEY=VALUE",
-                   help="dataset or backbone option, e.g. dataset.relatedness=0.2")
+                   help="dataset, backbone or method option, e.g. dataset.relatedness=0.2, "
+                        "method.inference=loop (tr), method.columns=grouped (stl, cross-stitch)")
     rep = sub.add_parser("report", help="tables, figures and a README from a results folder")
     rep.add_argument("results_dir", help="a folder written by mtlbench run")
     rep.add_argument("--out", required=True, help="report folder, e.g. reports/NAME")
@@ -168,6 +169,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
                      steps_per_task=args.steps_per_task, batch_size=args.batch_size, lr=args.lr,
                      device=args.device, dataset_options=data_opts, backbone_options=net_opts,
                      task_names=names, holdout=args.holdout, precision=args.precision, tr_impl=args.tr_impl,
+                     method_options=options["method"],
                      holdout_split=args.holdout_split if args.holdout else "train")
     configs = expand(base, methods, tasks, _number_list(float, "--sigma")(args.sigma),
                      _number_list(int, "--seed")(args.seed))

@@ -35,13 +35,17 @@ class RunConfig:
     tr_impl: str = "auto"         # task routing: dense, compact or auto ("" for other methods)
     dataset_options: dict = field(default_factory=dict)
     backbone_options: dict = field(default_factory=dict)
+    method_options: dict = field(default_factory=dict)  # the method's own options, as given
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def key(self) -> str:
         """A short, stable hash of the configuration: the identity of a run for resuming."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        values = self.to_dict()
+        if not values["method_options"]:  # added later: runs written before it keep their keys
+            del values["method_options"]
+        blob = json.dumps(values, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -82,12 +86,13 @@ def _coerce(value: object, hint: object, what: str) -> object:
 
 
 def parse_options(pairs: list[str]) -> dict[str, dict[str, str]]:
-    """``["dataset.relatedness=0.2", "backbone.widths=16,32"]`` -> nested dict by target."""
-    out: dict[str, dict[str, str]] = {"dataset": {}, "backbone": {}}
+    """``["dataset.relatedness=0.2", "method.inference=loop"]`` -> nested dict by target."""
+    out: dict[str, dict[str, str]] = {"dataset": {}, "backbone": {}, "method": {}}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         target, dot, name = key.partition(".")
         if not sep or not dot or target not in out or not name:
-            raise MtlbenchError(f"option {pair!r} must look like dataset.KEY=VALUE or backbone.KEY=VALUE")
+            raise MtlbenchError(f"option {pair!r} must look like dataset.KEY=VALUE, backbone.KEY=VALUE "
+                                "or method.KEY=VALUE")
         out[target][name] = value
     return out

@@ -15,7 +15,7 @@ from mtlbench.backbones import resolve_backbone
 from mtlbench.config import RunConfig, make_config
 from mtlbench.data import Batches, TaskDataset
 from mtlbench.errors import MtlbenchError
-from mtlbench.measure import PeakMemory, clock, count_flops, spread
+from mtlbench.measure import PeakMemory, clock, count_flops, spread, tune_allocator
 from mtlbench.method import Method
 from mtlbench.registry import DATASETS, METHODS
 
@@ -65,6 +65,9 @@ def build_method(cfg: RunConfig, in_channels: int) -> Method:
     options = {"schedule": schedule, **({"sigma": sigma} if sigma is not None else {})}
     if cfg.tr_impl and "impl" in {f.name for f in dataclasses.fields(cls.config_class)}:
         options["impl"] = cfg.tr_impl
+    for name in set(cfg.method_options) & {"sigma", "schedule"}:
+        raise MtlbenchError(f"set {name} with --{name}, not as a method option")
+    options.update(cfg.method_options)
     method_cfg = make_config(cls.config_class, options, f"method {cfg.method!r}")
     backbone = resolve_backbone(cfg.backbone, in_channels, cfg.backbone_options)
     seed_everything(cfg.seed)
@@ -174,7 +177,7 @@ def method_flops(cfg: RunConfig, image_shape: tuple[int, ...]) -> dict:
         model = build_method(cfg, image_shape[0])
     model.prepare(torch.device(cfg.device))  # masks are real tensors even here: see draw_masks
     device = "meta"
-    if getattr(model, "impl", "dense") == "compact":
+    if getattr(model, "impl", "dense") == "compact" or getattr(model, "inference", "dense") != "dense":
         # Gathering active channels needs real indices: count this one on the CPU (batch 2).
         model, device = build_method(cfg, image_shape[0]), "cpu"
         model.prepare(torch.device(cfg.device))
@@ -207,6 +210,7 @@ def execute(cfg: RunConfig, train_set: TaskDataset, test_set: TaskDataset,
             progress: Callable[[int], None] | None = None) -> dict:
     """Build, train and evaluate one method; returns the method-level part of a result."""
     device = torch.device(cfg.device)
+    kept_heap = tune_allocator()
     flops = method_flops(cfg, tuple(train_set.images.shape[1:]))
     with PeakMemory(cfg.device) as memory:
         model = build_method(cfg, train_set.images.shape[1]).to(device, memory_format=torch.channels_last)
@@ -227,7 +231,9 @@ def execute(cfg: RunConfig, train_set: TaskDataset, test_set: TaskDataset,
         "flops": flops,
         "memory": {"peak_bytes": memory.bytes, "how": memory.how},
         "runtime": {"device": str(device), "threads": torch.get_num_threads(), "memory_format": "channels_last",
-                    "precision": cfg.precision, "autocast": cfg.precision != "fp32",
+                    "precision": cfg.precision,
+                    "allocator": "glibc, freed memory kept (mmap/trim thresholds 1 GiB)" if kept_heap else "default",
+                    "autocast": cfg.precision != "fp32",
                     "grad_scaler": cfg.precision == "fp16"},
         "data": {"task_names": test_set.task_names, "positive_rate_train": train_set.positive_rate(),
                  "positive_rate_test": test_set.positive_rate(),

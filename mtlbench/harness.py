@@ -13,7 +13,8 @@ import torch
 from tqdm import tqdm
 
 from mtlbench import results
-from mtlbench.config import RunConfig
+from mtlbench.backbones import resolve_backbone
+from mtlbench.config import RunConfig, make_config
 from mtlbench.errors import MtlbenchError
 from mtlbench.engine import build_method, execute, load_data
 from mtlbench.method import count
@@ -30,6 +31,7 @@ def expand(base: RunConfig, methods: list[str], tasks: list[int], sigmas: list[f
     classes = {name: METHODS.get(name) for name in methods}
     if base.schedule and not any(base.schedule in c.schedules for c in classes.values()):
         raise MtlbenchError(f"--schedule {base.schedule!r} applies to none of {', '.join(methods)}")
+    _check_method_options(base, classes)
     for sigma in sigmas:
         if not 0.0 <= sigma <= 1.0:
             raise MtlbenchError(f"--sigma must be in [0, 1], got {sigma:g}")
@@ -38,14 +40,42 @@ def expand(base: RunConfig, methods: list[str], tasks: list[int], sigmas: list[f
         for seed in seeds:
             for name, cls in classes.items():
                 schedule = base.schedule if base.schedule in cls.schedules else cls.schedules[0]
-                has_impl = "impl" in {f.name for f in dataclasses.fields(cls.config_class)}
+                fields = {f.name for f in dataclasses.fields(cls.config_class)}
+                own = {k: v for k, v in base.method_options.items() if k in fields}
                 for sigma in sigmas if cls.uses_sigma else [cls.fixed_sigma]:
                     cfg = dataclasses.replace(base, method=name, tasks=t, sigma=sigma, seed=seed,
-                                              schedule=schedule, tr_impl=base.tr_impl if has_impl else "")
+                                              schedule=schedule, tr_impl=base.tr_impl if "impl" in fields else "",
+                                              method_options=own)
                     if cfg.key() not in seen:
                         seen.add(cfg.key())
                         out.append(cfg)
     return out
+
+
+def _check_method_options(base: RunConfig, classes: dict) -> None:
+    """Each ``-o method.KEY=VALUE`` must be an option of at least one method in the sweep;
+    it is given to those methods only, and checked by building their configs."""
+    options = base.method_options
+    for name in set(options) & {"sigma", "schedule"}:
+        raise MtlbenchError(f"set {name} with --{name}, not as -o method.{name}")
+    known = {}
+    for method, cls in classes.items():
+        fields = {f.name for f in dataclasses.fields(cls.config_class)} - {"sigma", "schedule"}
+        for f in fields:
+            known.setdefault(f, []).append(method)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        valid = ", ".join(f"{k} ({'/'.join(v)})" for k, v in sorted(known.items())) or "none"
+        raise MtlbenchError(f"unknown method option(s) {', '.join(unknown)} for {', '.join(classes)}; "
+                            f"valid: {valid}")
+    for method, cls in classes.items():
+        own = {k: v for k, v in options.items() if method in known.get(k, [])}
+        make_config(cls.config_class, own, f"method {method!r}")
+        if own:  # a bad value (unknown choice) fails now, before any run starts
+            with torch.device("meta"):
+                backbone = resolve_backbone(base.backbone, 3, base.backbone_options)
+                cls(backbone, 2, make_config(cls.config_class, {**own, "schedule": cls.schedules[0]},
+                                             f"method {method!r}"))
 
 
 def estimate_params(cfg: RunConfig, in_channels: int) -> int:

@@ -5,6 +5,7 @@ median (with min and max as the spread); on a GPU the clock is read after a sync
 """
 from __future__ import annotations
 
+import ctypes
 import resource
 import statistics
 import sys
@@ -60,6 +61,7 @@ class PeakMemory:
         self.bytes, self.how = 0, ""
 
     def __enter__(self) -> "PeakMemory":
+        release_free_memory()  # memory the allocator kept from earlier runs is not this run's
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             self.how = "torch.cuda.max_memory_allocated"
@@ -73,6 +75,42 @@ class PeakMemory:
             self.bytes = torch.cuda.max_memory_allocated()
         else:
             self.bytes = _hwm_bytes()
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+_KEEP = 1 << 30
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def tune_allocator() -> bool:
+    """Keep freed CPU memory in the heap instead of handing it back to the OS each step.
+
+    glibc serves large blocks (a 64x32x32x32 activation is 8 MB) with mmap and returns
+    them on free, so every training step page-faults its activations in again: ~10,000
+    faults and ~16 ms of a 47 ms dense ``tr`` step on a 2-core CPU (torch 2.14). Raising
+    the mmap and trim thresholds to 1 GiB keeps them; the same step then takes 31 ms with no
+    faults. Returns whether it applied (glibc only; elsewhere a no-op).
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP))
+
+
+def release_free_memory() -> None:
+    """Hand memory the heap keeps (see :func:`tune_allocator`) back to the OS."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _reset_hwm() -> bool:

@@ -74,6 +74,10 @@ BAD = [
     (["-o", "dataset.colour=red"], "unknown option(s) colour"),
     (["-o", "dataset.relatedness=lots"], "cannot read"),
     (["--device", "tpu"], "device"),
+    (["-o", "method.bogus=1"], "unknown method option(s) bogus"),
+    (["-o", "method.inference=sideways"], "inference must be one of"),
+    (["-o", "method.sigma=0.3"], "set sigma with --sigma"),
+    (["-o", "planet.x=1"], "must look like"),
 ]
 
 
@@ -84,6 +88,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, message):
     assert err.count("\n") == 1 and err.startswith("mtlbench: error:"), err
     assert message in err
     assert "Traceback" not in err
+
+
+def test_method_options_reach_only_the_methods_that_have_them(tmp_path, capsys):
+    code, _, err = run(["run", "--methods", "tr,hard", "--tasks", "2", *TINY_ARGS, "--out", str(tmp_path),
+                        "-o", "method.inference=loop"], capsys)
+    assert code == 0, err
+    runs = {r["config"]["method"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json"))}
+    assert runs["tr"]["config"]["method_options"] == {"inference": "loop"}
+    assert runs["tr"]["method_details"]["all_task_inference"] == "loop"
+    assert runs["hard"]["config"]["method_options"] == {}
 
 
 def test_unwritable_output_path(tmp_path, capsys):

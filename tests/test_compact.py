@@ -54,7 +54,58 @@ def test_eval_outputs_equal(sigma):
         model.train()
         model(x, [0, 3])
         model.eval()
-    assert close(dense.predict_all(x), compact.predict_all(x))
+    everything = list(range(6))
+    assert close(dense(x, everything), compact(x, everything))
+
+
+def trained_dense(sigma: float, backbone: str = "convnet", tasks: int = 6) -> torch.nn.Module:
+    """A dense tr model after a few steps (weights and running statistics away from init)."""
+    dense, _ = pair(sigma, tasks=tasks, backbone=backbone)
+    opt = make_optimizer(dense, RunConfig())
+    dense.train()
+    for t in range(tasks):
+        x = torch.randn(8, 3, 16, 16)
+        opt.zero_grad()
+        task_loss(dense(x, [t]), torch.randint(0, 2, (8, 1))).backward()
+        opt.step()
+    return dense.eval()
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.25, 0.5, 1.0])
+@pytest.mark.parametrize("mode,group", [("loop", 1), ("grouped", 1), ("grouped", 4), ("grouped", 6)])
+def test_all_task_inference_equals_one_masked_pass_per_task(sigma, mode, group):
+    dense = trained_dense(sigma)
+    x = torch.randn(5, 3, 16, 16)
+    reference = dense(x, list(range(6)))  # eval mode: T masked dense passes
+    out = dense.all_task(x, dense.heads.weight, dense.heads.bias, mode, group)
+    assert out.shape == (5, 6) and close(out, reference)
+
+
+def test_all_task_inference_on_vgg11_and_in_channels_last():
+    dense = trained_dense(0.5, backbone="vgg11", tasks=3).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert close(dense.predict_all(x), dense(x, [0, 1, 2]))
+
+
+def test_all_task_inference_follows_weight_updates():
+    dense = trained_dense(0.5)
+    x = torch.randn(4, 3, 16, 16)
+    dense.predict_all(x)  # builds the folded weights
+    with torch.no_grad():
+        dense.backbone.blocks[1][0].weight.mul_(1.5)
+        dense.backbone.blocks[2][1][0].running_var.add_(0.3)
+    assert close(dense.predict_all(x), dense(x, list(range(6))))
+
+
+def test_inference_option_is_recorded_and_checked():
+    from mtlbench.errors import MtlbenchError
+    dense = trained_dense(0.5)
+    assert dense.describe()["all_task_inference"] == "grouped"
+    cfg = RunConfig(method="tr", tasks=3, method_options={"inference": "sideways"})
+    with pytest.raises(MtlbenchError, match="inference"):
+        build_method(cfg, 3)
+    loop = build_method(dataclasses.replace(cfg, method_options={"inference": "loop"}), 3)
+    assert loop.describe()["all_task_inference"] == "loop"
 
 
 def test_adam_states_stay_identical_over_a_sample_schedule():

@@ -102,8 +102,14 @@ def test_flops_of_a_known_network_equal_hand_counts():
     # input gradient. Per (image, task) pair with both tasks in every step: 2 * conv / 2.
     assert f["train_per_pair"] == 2 * conv / 2
     tr_cfg = RunConfig(method="tr", sigma=0.5, schedule="sample", tasks=2, backbone_options={"widths": (4,)})
-    dense = method_flops(dataclasses.replace(tr_cfg, tr_impl="dense"), (3, 8, 8))
+    dense = method_flops(dataclasses.replace(tr_cfg, tr_impl="dense", method_options={"inference": "dense"}),
+                         (3, 8, 8))
     assert dense["forward_per_image_task"] == conv  # one full masked pass per task
+    # All-task inference (default): the first conv is computed once for all tasks; each
+    # task's second conv reads every first-layer channel (zero weights on those it drops).
+    two = RunConfig(method="tr", sigma=0.0, schedule="sample", tasks=2, backbone_options={"widths": (4, 8)})
+    first, second = 2 * 8 * 8 * 4 * 3 * 9, 2 * 4 * 4 * 4 * 4 * 9  # 8x8 -> pool -> 4x4; 4 of 8 kept
+    assert method_flops(two, (3, 8, 8))["forward_per_image_task"] == (first + 2 * second) / 2
     # Compact: each task's pass computes only its kept channels. At sigma 0 with 2 tasks and
     # 16 channels each task keeps exactly 8 (a multiple of the padding unit, so no padding).
     sep = RunConfig(method="tr", sigma=0.0, schedule="sample", tasks=2, backbone_options={"widths": (16,)},
