@@ -93,6 +93,20 @@ class Bench:
             out[str(t)] = self.timed(self.train_step(cfg, model)) / t
         return out
 
+    def columns_grouped_speedup(self) -> dict[str, float]:
+        """Loop over grouped, for the decision in mtlbench.columns.AUTO_COLUMNS (>1: grouped wins)."""
+        t = self.shape.cross_stitch_tasks[0]
+        times = {}
+        for impl in ("loop", "grouped"):
+            cfg, model = self.model("cross-stitch", t, sigma=None, schedule="all", method_options={"columns": impl})
+            times["cross_stitch_step", impl] = self.timed(self.train_step(cfg, model))
+            _, model = self.model("stl", t, sigma=None, schedule="all", method_options={"columns": impl})
+            model.eval()
+            with torch.no_grad():
+                times["stl_all_task_inference", impl] = self.timed(lambda: model.predict_all(self.x))
+        return {f"{what}_T{t}": times[what, "loop"] / times[what, "grouped"]
+                for what in ("cross_stitch_step", "stl_all_task_inference")}
+
     def data_fraction_of_step(self) -> float:
         """Batch slicing and normalisation time over one default ``tr`` training step."""
         n = 10_000
@@ -119,6 +133,7 @@ class Bench:
             "tr_all_task_inference_speedup": inference[default_inference],
             "tr_all_task_inference_by_mode": inference,
             "cross_stitch_step_s_per_task": self.cross_stitch_step_s_per_task(),
+            "columns_grouped_speedup": self.columns_grouped_speedup(),
             "data_fraction_of_step": self.data_fraction_of_step(),
             "setting": {**dataclasses.asdict(self.shape), "device": str(self.device),
                         "threads": torch.get_num_threads(), "memory_format": "channels_last",
@@ -143,6 +158,8 @@ def render(figures: dict) -> str:
         rows.append((f"  by mode [{mode}]", f"{v:.2f}x", "the same ratio for each all-task mode"))
     for t, v in figures["cross_stitch_step_s_per_task"].items():
         rows.append((f"cross_stitch_step_s_per_task[{t}]", f"{v * 1000:.1f} ms", "training step time / T"))
+    for what, v in figures["columns_grouped_speedup"].items():
+        rows.append((f"columns_grouped_speedup[{what}]", f"{v:.2f}x", "loop / grouped columns (>1: grouped wins)"))
     rows.append(("data_fraction_of_step", f"{figures['data_fraction_of_step']:.4f}", "target < 0.05"))
     width = max(len(r[0]) for r in rows)
     head = f"device {s['device']}, {s['threads']} threads; {s['timing']}"

@@ -23,7 +23,11 @@ def test_bench_quick_json_has_every_key(capsys):
         "tr_all_task_inference_speedup": figures["tr_all_task_inference_speedup"],
         "data_fraction_of_step": figures["data_fraction_of_step"],
         **{f"cross_stitch.{k}": v for k, v in figures["cross_stitch_step_s_per_task"].items()},
+        **{f"inference.{k}": v for k, v in figures["tr_all_task_inference_by_mode"].items()},
+        **{f"columns.{k}": v for k, v in figures["columns_grouped_speedup"].items()},
     }
+    assert set(figures["tr_all_task_inference_by_mode"]) == {"loop", "grouped"}
+    assert set(figures["columns_grouped_speedup"]) == {"cross_stitch_step_T2", "stl_all_task_inference_T2"}
     assert len(figures["cross_stitch_step_s_per_task"]) == 2
     for name, value in flat.items():
         assert isinstance(value, float) and math.isfinite(value) and value > 0, name

@@ -1,0 +1,85 @@
+"""The grouped form of many columns (stl, cross-stitch) must equal the loop form."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mtlbench.columns import AUTO_COLUMNS
+from mtlbench.config import RunConfig
+from mtlbench.engine import build_method, make_optimizer, task_loss
+from mtlbench.errors import MtlbenchError
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def pair(method: str, tasks: int = 4, backbone: str = "convnet"):
+    opts = {"widths": (8, 16, 16)} if backbone == "convnet" else {}
+    base = RunConfig(method=method, tasks=tasks, sigma=None, backbone=backbone, backbone_options=opts, seed=5)
+    loop = build_method(dataclasses.replace(base, method_options={"columns": "loop"}), 3)
+    grouped = build_method(dataclasses.replace(base, method_options={"columns": "grouped"}), 3)
+    assert (loop.column_impl, grouped.column_impl) == ("loop", "grouped")
+    return loop, grouped
+
+
+@pytest.mark.parametrize("method", ["cross-stitch", "stl"])
+def test_grouped_training_step_equals_the_loop(method):
+    loop, grouped = pair(method)
+    # SGD: Adam's normalised step would blow float rounding on near-zero gradients up to lr
+    opts = [make_optimizer(m, RunConfig(optimizer="sgd", lr=0.05)) for m in (loop, grouped)]
+    everything = list(range(4))
+    for step in range(3):  # several steps: weights, Adam states and running statistics move
+        x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 2, (8, 4))
+        losses = []
+        for model, opt in zip((loop, grouped), opts, strict=True):
+            model.train()
+            opt.zero_grad()
+            loss = task_loss(model(x, everything), y)
+            loss.backward()
+            losses.append(loss)
+            if step == 0:
+                grads = [p.grad.clone() for p in model.parameters()]
+                model.first_grads = grads
+            opt.step()
+        assert torch.allclose(*losses, **TOL)
+    for g, h in zip(loop.first_grads, grouped.first_grads, strict=True):
+        assert torch.allclose(g, h, **TOL)
+    for (name, p), q in zip(loop.named_parameters(), grouped.parameters(), strict=True):
+        assert torch.allclose(p, q, **TOL), name
+    for (name, b), c in zip(loop.named_buffers(), grouped.buffers(), strict=True):
+        assert torch.allclose(b.float(), c.float(), **TOL), name  # running statistics, batch counts
+
+
+@pytest.mark.parametrize("method", ["cross-stitch", "stl"])
+def test_grouped_eval_equals_the_loop_in_channels_last(method):
+    loop, grouped = pair(method, tasks=3, backbone="vgg11")
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    for model in (loop, grouped):
+        model.to(memory_format=torch.channels_last)
+        model.train()
+        model(x, [0, 1, 2])  # running statistics away from their initial values
+        model.eval()
+    with torch.no_grad():
+        assert torch.allclose(loop.predict_all(x), grouped.predict_all(x), **TOL)
+
+
+def test_stl_grouped_step_on_one_task_leaves_other_columns_alone():
+    _, grouped = pair("stl")
+    before = [p.clone() for p in grouped.columns[1].parameters()]
+    opt = make_optimizer(grouped, RunConfig())
+    task_loss(grouped(torch.randn(8, 3, 16, 16), [0]), torch.ones(8, 1)).backward()
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, grouped.columns[1].parameters(), strict=True))
+
+
+def test_column_choice_is_by_device_and_recorded():
+    loop, _ = pair("cross-stitch")
+    model = build_method(RunConfig(method="cross-stitch", tasks=2, sigma=None), 3)
+    model.prepare(torch.device("cpu"))
+    assert model.column_impl == AUTO_COLUMNS["cpu"]
+    assert model.describe()["column_impl"] == AUTO_COLUMNS["cpu"]
+    model.prepare(torch.device("meta"))  # an unlisted device type falls back to the loop
+    assert model.column_impl == "loop"
+    with pytest.raises(MtlbenchError, match="columns must be one of"):
+        build_method(RunConfig(method="stl", tasks=2, sigma=None, method_options={"columns": "vmap"}), 3)
