@@ -133,7 +133,7 @@ def test_vgg11_compact_equals_dense():
 
 
 def test_auto_picks_compact_for_small_kept_fractions_on_cpu():
-    for sigma, expected in ((0.25, "compact"), (0.5, "compact"), (1.0, "dense")):
+    for sigma, expected in ((0.25, "compact"), (0.5, "compact"), (0.75, "compact"), (0.95, "dense"), (1.0, "dense")):
         model = build_method(RunConfig(method="tr", tasks=40, sigma=sigma, schedule="sample"), 3)
         model.prepare(torch.device("cpu"))
         assert model.impl == expected and model.describe()["impl"] == expected
