@@ -15,6 +15,7 @@ import torch
 
 from mtlbench.config import RunConfig
 from mtlbench.engine import build_method, make_optimizer, task_loss
+from mtlbench.measure import tune_allocator
 from mtlbench.registry import METHODS
 
 BATCH = 64
@@ -24,7 +25,9 @@ def setup(method: str, tasks: int):
     cls = METHODS.get(method)
     cfg = RunConfig(method=method, tasks=tasks, sigma=0.5 if cls.uses_sigma else cls.fixed_sigma,
                     schedule=cls.schedules[0])
+    tune_allocator()  # as mtlbench run does
     model = build_method(cfg, 3).to(memory_format=torch.channels_last)
+    model.prepare(torch.device("cpu"))  # resolve the auto choices (tr impl, columns) as a run does
     x = torch.randn(BATCH, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (BATCH, tasks))
     return cfg, model, x, y
