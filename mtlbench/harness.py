@@ -65,7 +65,8 @@ def _check_method_options(base: RunConfig, classes: dict) -> None:
             known.setdefault(f, []).append(method)
     unknown = sorted(set(options) - set(known))
     if unknown:
-        valid = ", ".join(f"{k} ({'/'.join(v)})" for k, v in sorted(known.items())) or "none"
+        valid = ", ".join(f"{k} ({'/'.join(v)})" for k, v in sorted(known.items())) or \
+            "none (these methods take no method options)"
         raise MtlbenchError(f"unknown method option(s) {', '.join(unknown)} for {', '.join(classes)}; "
                             f"valid: {valid}")
     for method, cls in classes.items():
