@@ -35,6 +35,7 @@ def test_run_end_to_end(tmp_path, capsys):
     for key in ("config", "metrics", "params", "train", "eval", "environment", "key"):
         assert key in result
     assert result["config"]["dataset_options"]["num_train"] == 128
+    assert result["train"]["optimizer_impl"] == "fused"  # torch 2.14 has fused Adam on CPU
     assert result["environment"]["threads"] >= 1 and "torch" in result["environment"]["versions"]
     df = pd.read_csv(out_dir / "results.csv")
     assert list(df.columns) == COLUMNS and len(df) == 3
