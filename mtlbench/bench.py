@@ -9,6 +9,7 @@ import dataclasses
 
 import torch
 
+from mtlbench.compact import PAD
 from mtlbench.config import RunConfig
 from mtlbench.data import Batches
 from mtlbench.engine import build_method, make_optimizer, method_flops, task_loss
@@ -75,6 +76,18 @@ class Bench:
             times[impl] = self.timed(self.train_step(cfg, model))
         return times["dense"] / times["compact"]
 
+    def tr_compact_over_plain_network(self, sigma: float = 0.5) -> float:
+        """A compact ``tr`` step over a plain one-task network as wide as what compact computes.
+
+        Near 1, routing itself (gathers, scatters, statistics bookkeeping) costs little and the
+        speed-up is what the kernels give at those channel counts.
+        """
+        cfg, model = self.model("tr", self.shape.tasks, sigma=sigma, schedule="sample", tr_impl="compact")
+        widths = [len(idx) for idx, _ in model.compact.active(0, self.device, PAD)]
+        compact = self.timed(self.train_step(cfg, model))
+        plain_cfg, plain = self.model("hard", 1, sigma=1.0, schedule="all", backbone_options={"widths": tuple(widths)})
+        return compact / self.timed(self.train_step(plain_cfg, plain))
+
     @torch.no_grad()
     def tr_all_task_inference(self, sigma: float = 0.5) -> dict[str, float]:
         """T masked dense passes over each all-task path (eval mode, the same weights)."""
@@ -130,6 +143,7 @@ class Bench:
             "train_gflops": train,
             "train_fraction_of_ceiling": train / ceiling,
             "tr_compact_speedup": {f"{s:g}": self.tr_compact_speedup(s) for s in (0.5, 0.25)},
+            "tr_compact_over_plain_network": self.tr_compact_over_plain_network(0.5),
             "tr_all_task_inference_speedup": inference[default_inference],
             "tr_all_task_inference_by_mode": inference,
             "cross_stitch_step_s_per_task": self.cross_stitch_step_s_per_task(),
@@ -152,6 +166,8 @@ def render(figures: dict) -> str:
     ]
     for sigma, v in figures["tr_compact_speedup"].items():
         rows.append((f"tr_compact_speedup[{sigma}]", f"{v:.2f}x", f"training step, dense/compact, T={s['tasks']}"))
+    rows.append(("tr_compact_over_plain_network", f"{figures['tr_compact_over_plain_network']:.2f}x",
+                 "sigma 0.5: compact step / plain network of the computed widths (1 = no routing overhead)"))
     rows.append(("tr_all_task_inference_speedup", f"{figures['tr_all_task_inference_speedup']:.2f}x",
                  f"sigma 0.5, T={s['tasks']}: T masked passes / all-task path (auto)"))
     for mode, v in figures["tr_all_task_inference_by_mode"].items():

@@ -21,6 +21,7 @@ def test_bench_quick_json_has_every_key(capsys):
         "tr_compact_speedup.0.5": figures["tr_compact_speedup"]["0.5"],
         "tr_compact_speedup.0.25": figures["tr_compact_speedup"]["0.25"],
         "tr_all_task_inference_speedup": figures["tr_all_task_inference_speedup"],
+        "tr_compact_over_plain_network": figures["tr_compact_over_plain_network"],
         "data_fraction_of_step": figures["data_fraction_of_step"],
         **{f"cross_stitch.{k}": v for k, v in figures["cross_stitch_step_s_per_task"].items()},
         **{f"inference.{k}": v for k, v in figures["tr_all_task_inference_by_mode"].items()},
