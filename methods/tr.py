@@ -104,14 +104,14 @@ class TaskRouting(Method):
             router.task = task
 
     def forward(self, x: torch.Tensor, tasks: list[int]) -> torch.Tensor:
+        if self.impl == "compact":  # several tasks share the first layer's work
+            per_task = self.compact.forward_many(x, tasks) if len(tasks) > 1 else [self.compact.forward(x, tasks[0])]
+            return torch.stack([(features * self.heads.weight[t].index_select(0, idx)).sum(dim=-1) + self.heads.bias[t]
+                                for t, (features, idx) in zip(tasks, per_task, strict=True)], dim=1)
         logits = []
         for t in tasks:  # one pass per task: the routed sub-networks differ
             self.set_task(t)
-            if self.impl == "compact":
-                features, idx = self.compact.forward(x, t)
-                logits.append((features * self.heads.weight[t].index_select(0, idx)).sum(dim=-1) + self.heads.bias[t])
-            else:
-                logits.append(self.heads.one(self.backbone(x), t))
+            logits.append(self.heads.one(self.backbone(x), t))
         return torch.stack(logits, dim=1)
 
     def predict_all(self, x: torch.Tensor) -> torch.Tensor:

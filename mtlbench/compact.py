@@ -74,25 +74,73 @@ class CompactRouting:
 
     def forward(self, x: torch.Tensor, task: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled features of the task's active last-layer channels, and those channels."""
-        idx_in, layer, out, keep = None, 0, None, None
         # Padding pays for itself in the batch-norm backward; inference needs none.
         active = self.active(task, x.device, PAD if torch.is_grad_enabled() else 1)
-        for m in self.leaves:
+        return self._run(x, active, start=0)
+
+    def _run(self, x: torch.Tensor, active: list, start: int, layer: int = 0,
+             idx_in: torch.Tensor | None = None, keep_in: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run leaves ``start..`` for one task whose input holds channels ``idx_in`` of the
+        previous layer (``keep_in``: which of them the task keeps; the rest are zeroed)."""
+        out, keep = None, None
+        for m in self.leaves[start:]:
             if isinstance(m, nn.Conv2d):
                 out, keep = active[layer]
                 w = m.weight.index_select(0, out)
                 if idx_in is not None:
                     w = w.index_select(1, idx_in)
+                if keep_in is not None:  # inputs the task drops must not reach it
+                    w = w * keep_in.view(1, -1, 1, 1).to(w.dtype)
                 b = m.bias.index_select(0, out) if m.bias is not None else None
                 if x.is_contiguous(memory_format=torch.channels_last):
                     w = w.contiguous(memory_format=torch.channels_last)  # one layout for mkldnn
                 x = F.conv2d(x, w, b, m.stride, m.padding, m.dilation)
+                keep_in = None
             elif isinstance(m, Routed):
                 x = self._norm(m[0], x, out, keep)
                 idx_in, layer = out, layer + 1
             else:
                 x = m(x)
         return x.mean(dim=(2, 3)), idx_in
+
+    def forward_many(self, x: torch.Tensor, tasks: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`forward` for several tasks on one batch, sharing the first layer.
+
+        Every task sees the same images, so the first conv, its batch norm (batch statistics
+        are per channel, whichever task computes them) and what follows up to the second conv
+        are the same for all tasks on the channels they keep: computed once at full width,
+        then each task takes its channels. The running statistics get each task's update in
+        turn, on the units that task keeps, exactly as one pass per task would.
+        """
+        second = next((i for i, m in enumerate(self.leaves) if isinstance(m, nn.Conv2d) and i > 0), None)
+        conv, routed = self.leaves[0], self.leaves[1]
+        if second is None or conv.bias is not None:
+            return [self.forward(x, t) for t in tasks]
+        pad = PAD if torch.is_grad_enabled() else 1
+        h = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation)
+        h = self._shared_norm(routed, h, tasks)
+        for m in self.leaves[2:second]:
+            h = m(h)
+        # Each task's second conv reads the full first layer with zero weights on the channels
+        # the task drops (cheaper here than gathering activations, whose backward scatters).
+        masks = routed[1].masks > 0
+        return [self._run(h, self.active(t, x.device, pad), start=second, layer=1, keep_in=masks[t]) for t in tasks]
+
+    @staticmethod
+    def _shared_norm(routed: Routed, x: torch.Tensor, tasks: list[int]) -> torch.Tensor:
+        bn, route = routed[0], routed[1]
+        if not (bn.training and is_tracking_batch_norm(bn)):
+            return bn(x)
+        # momentum 1 turns the buffers passed in into this batch's mean and unbiased variance
+        mean, var = torch.zeros_like(bn.running_mean), torch.zeros_like(bn.running_var)
+        y = F.batch_norm(x, mean, var, bn.weight, bn.bias, True, 1.0, bn.eps)
+        with torch.no_grad():
+            for t in tasks:  # each task's update in turn, on the units it keeps
+                m, keep = momentum_step(bn), route.masks[t] > 0
+                bn.running_mean.copy_(torch.where(keep, bn.running_mean * (1 - m) + mean * m, bn.running_mean))
+                bn.running_var.copy_(torch.where(keep, bn.running_var * (1 - m) + var * m, bn.running_var))
+        return y
 
     @staticmethod
     def _norm(bn: nn.BatchNorm2d, x: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

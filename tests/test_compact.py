@@ -130,6 +130,14 @@ def test_vgg11_compact_equals_dense():
     dense.train(), compact.train()
     a, b = dense(x, [1]), compact(x, [1])
     assert close(a, b)
+    # several tasks at once share the first layer: outputs, gradients and statistics agree
+    a, b = dense(x, [3, 0, 2]), compact(x, [3, 0, 2])
+    assert close(a, b)
+    a.sum().backward(), b.sum().backward()
+    for (name, p), q in zip(dense.named_parameters(), compact.parameters(), strict=True):
+        assert close(p.grad, q.grad), name
+    for (name, u), v in zip(dense.named_buffers(), compact.buffers(), strict=True):
+        assert close(u.float(), v.float()), name
 
 
 def test_auto_picks_compact_for_small_kept_fractions_on_cpu():
