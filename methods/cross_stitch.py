@@ -19,9 +19,8 @@ import torch
 from torch import nn
 
 from mtlbench.backbones import BackboneSpec
-from mtlbench.columns import ColumnsConfig, GroupedColumns, check_columns, resolve_columns
-from mtlbench.errors import MtlbenchError
-from mtlbench.method import Method, MethodConfig, TaskHeads, count
+from mtlbench.columns import ColumnsMethod
+from mtlbench.method import MethodConfig, TaskHeads, count
 from mtlbench.registry import register_method
 
 
@@ -38,23 +37,14 @@ def stitch(alpha: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
 
 
 @register_method("cross-stitch", "Cross-stitch networks: a column per task, mixed by trainable alpha after each block.")
-class CrossStitch(Method):
-    config_class = ColumnsConfig
-
+class CrossStitch(ColumnsMethod):
     def __init__(self, backbone: BackboneSpec, num_tasks: int, config: MethodConfig, seed: int = 0) -> None:
         super().__init__(backbone, num_tasks, config, seed)
         self.columns = nn.ModuleList(backbone.build() for _ in range(num_tasks))
         channels = self.columns[0].block_channels
         self.alphas = nn.ParameterList(nn.Parameter(stitch_init(num_tasks, c)) for c in channels)
         self.heads = TaskHeads(self.columns[0].num_features, num_tasks)
-        check_columns(config.columns)
-        self.grouped = GroupedColumns.build(self.columns)
-        if config.columns == "grouped" and self.grouped is None:
-            raise MtlbenchError("method option columns=grouped needs a backbone of conv/batch-norm/elementwise blocks")
-        self.column_impl = resolve_columns(config.columns, "cpu", self.grouped)
-
-    def prepare(self, device: torch.device) -> None:
-        self.column_impl = resolve_columns(self.config.columns, device, self.grouped)
+        self.init_columns()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features of every column, ``[T, B, F]``."""
@@ -82,8 +72,7 @@ class CrossStitch(Method):
         return torch.stack([self.heads.one(feats[t], t) for t in tasks], dim=1)
 
     def describe(self) -> dict:
-        return {"column_impl": self.column_impl, "column_impl_requested": self.config.columns,
-                "columns": self.num_tasks, "stitch": "one einsum over the task axis per block"}
+        return {**self.describe_columns(), "stitch": "one einsum over the task axis per block"}
 
     def param_counts(self) -> dict:
         stitches = sum(a.numel() for a in self.alphas)

@@ -14,30 +14,20 @@ import torch
 from torch import nn
 
 from mtlbench.backbones import BackboneSpec
-from mtlbench.errors import MtlbenchError
-from mtlbench.columns import ColumnsConfig, GroupedColumns, check_columns, resolve_columns
-from mtlbench.method import Method, MethodConfig, TaskHeads, count
+from mtlbench.columns import ColumnsMethod
+from mtlbench.method import MethodConfig, TaskHeads, count
 from mtlbench.registry import register_method
 
 
 @register_method("stl", "Single-task learning: T independent backbones, each trained on its own task only.")
-class SingleTask(Method):
-    config_class = ColumnsConfig
-
+class SingleTask(ColumnsMethod):
     def __init__(self, backbone: BackboneSpec, num_tasks: int, config: MethodConfig, seed: int = 0) -> None:
         super().__init__(backbone, num_tasks, config, seed)
         self.columns = nn.ModuleList(backbone.build() for _ in range(num_tasks))
         # One head module per task (not one stacked tensor), so Adam's momentum from task j's
         # steps never moves task i's head: the networks are fully independent.
         self.heads = nn.ModuleList(TaskHeads(col.num_features, 1) for col in self.columns)
-        check_columns(config.columns)
-        self.grouped = GroupedColumns.build(self.columns)
-        if config.columns == "grouped" and self.grouped is None:
-            raise MtlbenchError("method option columns=grouped needs a backbone of conv/batch-norm/elementwise blocks")
-        self.column_impl = resolve_columns(config.columns, "cpu", self.grouped)
-
-    def prepare(self, device: torch.device) -> None:
-        self.column_impl = resolve_columns(self.config.columns, device, self.grouped)
+        self.init_columns()
 
     def schedule(self, steps_per_task: int, generator: torch.Generator) -> Iterator[list[int]]:
         # Round-robin keeps every network at the same point of its budget at any moment.
@@ -65,8 +55,7 @@ class SingleTask(Method):
         return (features * weight).sum(dim=-1) + bias
 
     def describe(self) -> dict:
-        return {"column_impl": self.column_impl, "column_impl_requested": self.config.columns,
-                "columns": self.num_tasks, "grouped_used_for": "all-task inference (training steps use one column)"}
+        return {**self.describe_columns(), "grouped_used_for": "all-task inference (training steps use one column)"}
 
     def param_counts(self) -> dict:
         return {"trainable": count(self), "shared": 0, "task_specific": count(self)}

@@ -22,7 +22,7 @@ from torch import nn
 
 from mtlbench.compact import ELEMENTWISE
 from mtlbench.errors import MtlbenchError
-from mtlbench.method import MethodConfig
+from mtlbench.method import Method, MethodConfig
 from mtlbench.routing import momentum_step
 
 COLUMN_IMPLS = ("auto", "loop", "grouped")
@@ -48,6 +48,28 @@ def resolve_columns(choice: str, device: torch.device | str, grouped: "GroupedCo
     if choice == "auto":
         choice = AUTO_COLUMNS.get(torch.device(device).type, "loop")
     return choice if grouped is not None else "loop"
+
+
+class ColumnsMethod(Method):
+    """Base of methods with one backbone column per task (``self.columns``): the loop or grouped
+    choice, resolved per device in :meth:`prepare` and recorded by :meth:`describe_columns`."""
+
+    config_class = ColumnsConfig
+
+    def init_columns(self) -> None:
+        """Call once ``self.columns`` exists."""
+        check_columns(self.config.columns)
+        self.grouped = GroupedColumns.build(self.columns)
+        if self.config.columns == "grouped" and self.grouped is None:
+            raise MtlbenchError("method option columns=grouped needs a backbone of conv/batch-norm/elementwise blocks")
+        self.column_impl = resolve_columns(self.config.columns, "cpu", self.grouped)
+
+    def prepare(self, device: torch.device) -> None:
+        self.column_impl = resolve_columns(self.config.columns, device, self.grouped)
+
+    def describe_columns(self) -> dict:
+        return {"column_impl": self.column_impl, "column_impl_requested": self.config.columns,
+                "columns": self.num_tasks}
 
 
 class GroupedColumns:
