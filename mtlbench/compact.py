@@ -216,9 +216,11 @@ class AllTaskInference:
         return all(r[0].running_mean is not None for _, r, _ in self.layers)
 
     def _versions(self) -> tuple:
-        tensors = [t for conv, routed, _ in self.layers for t in (conv.weight, conv.bias, *routed[0].parameters(),
-                                                                  routed[0].running_mean, routed[0].running_var)]
-        return tuple((id(t), t._version) for t in tensors if t is not None)
+        """Changes whenever a weight, statistic or mask is written or moved (``.to``, loading)."""
+        tensors = [t for conv, routed, _ in self.layers
+                   for t in (conv.weight, conv.bias, *routed[0].parameters(), routed[0].running_mean,
+                             routed[0].running_var, routed[1].masks)]
+        return tuple((id(t), t.data_ptr(), t._version) for t in tensors if t is not None)
 
     @staticmethod
     def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:

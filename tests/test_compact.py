@@ -97,6 +97,16 @@ def test_all_task_inference_follows_weight_updates():
     assert close(dense.predict_all(x), dense(x, list(range(6))))
 
 
+def test_all_task_inference_follows_loaded_state_and_dtype_moves():
+    a, b = trained_dense(0.5), trained_dense(0.0)
+    x = torch.randn(4, 3, 16, 16)
+    a.predict_all(x)  # folded weights of a's state
+    a.load_state_dict(b.state_dict())  # new weights, statistics and masks, copied in place
+    assert close(a.predict_all(x), b.predict_all(x))
+    a.double()  # parameters replaced by new tensors
+    assert close(a.predict_all(x.double()).float(), b.predict_all(x))
+
+
 def test_inference_option_is_recorded_and_checked():
     from mtlbench.errors import MtlbenchError
     dense = trained_dense(0.5)
