@@ -246,8 +246,31 @@ class AllTaskInference:
             folded = [self._fold(conv, routed[0]) for conv, routed, _ in self.layers]
             masks = [routed[1].masks > 0 for _, routed, _ in self.layers]
             kept = [[m[t].nonzero().flatten() for m in masks] for t in range(masks[0].shape[0])]
-            self._plan = (key, (folded, masks, kept), {"bytes": 0})
+            self._plan = (key, (folded, masks, kept), {"bytes": 0}, self._sharing(masks, kept))
         return self._plan[1]
+
+    @staticmethod
+    def _sharing(masks: list[torch.Tensor], kept: list) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tasks with the same masks in every layer run one sub-network (at sigma=1, all do).
+
+        Returns the representative tasks, each task's representative (as a position in that
+        list), and per task its last layer's kept channels padded to the widest (with validity).
+        """
+        reps, owner, seen = [], [], {}
+        signature = torch.cat(masks, dim=1).cpu().numpy()
+        for t in range(len(kept)):
+            key = signature[t].tobytes()
+            if key not in seen:
+                seen[key] = len(reps)
+                reps.append(t)
+            owner.append(seen[key])
+        width = max(len(k[-1]) for k in kept)
+        device = masks[0].device
+        index = torch.zeros(len(kept), width, dtype=torch.long, device=device)
+        valid = torch.zeros(len(kept), width, dtype=torch.bool, device=device)
+        for t, k in enumerate(kept):
+            index[t, :len(k[-1])], valid[t, :len(k[-1])] = k[-1], True
+        return reps, torch.tensor(owner, device=device), index, valid
 
     def _task_weight(self, i: int, t: int, fmt: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
         """Task ``t``'s folded weight and bias of layer ``i >= 1`` (kept while within budget)."""
@@ -285,40 +308,44 @@ class AllTaskInference:
                  group: int = 8) -> torch.Tensor:
         fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         folded, _, kept = self.plan()
+        reps, owner, index, valid = self._plan[3]
         conv0, _, after0 = self.layers[0]
         shared = self._apply(conv0, after0, x, folded[0][0].contiguous(memory_format=fmt), folded[0][1])
+        width = index.shape[1]
         if len(self.layers) == 1:
-            pooled = shared.mean(dim=(2, 3))
-            return torch.stack([(pooled.index_select(1, k[-1]) * head_w[t].index_select(0, k[-1])).sum(-1)
-                                for t, k in enumerate(kept)], dim=1) + head_b
-        run = self._grouped if mode == "grouped" else self._loop
-        step = group if mode == "grouped" else len(kept)
-        logits = [run(shared, list(range(lo, min(lo + step, len(kept)))), head_w, fmt)
-                  for lo in range(0, len(kept), step)]
+            features = torch.stack([F.pad(shared.mean(dim=(2, 3)).index_select(1, kept[t][-1]),
+                                          (0, width - len(kept[t][-1]))) for t in reps], dim=1)
+        else:
+            run = self._grouped if mode == "grouped" else self._loop
+            step = group if mode == "grouped" else len(reps)
+            features = torch.cat([run(shared, reps[lo:lo + step], fmt, width)
+                                  for lo in range(0, len(reps), step)], dim=1)  # [B, reps, width]
+        weights = head_w.gather(1, index) * valid  # each task's head on its kept channels
+        chunk = max(1, (64 << 20) // max(1, features.shape[0] * width * features.element_size()))
+        logits = [(features.index_select(1, owner[lo:lo + chunk]) * weights[lo:lo + chunk]).sum(-1)
+                  for lo in range(0, len(owner), chunk)]
         return torch.cat(logits, dim=1) + head_b
 
-    def _loop(self, shared: torch.Tensor, tasks: list[int], head_w: torch.Tensor,
-              fmt: torch.memory_format) -> torch.Tensor:
-        kept, out = self._plan[1][2], []
+    def _loop(self, shared: torch.Tensor, tasks: list[int], fmt: torch.memory_format, width: int) -> torch.Tensor:
+        """Pooled last-layer features of each task's sub-network, padded to ``width``."""
+        out = []
         for t in tasks:
             h = shared
             for i, (conv, _, after) in enumerate(self.layers[1:], start=1):
                 h = self._apply(conv, after, h, *self._task_weight(i, t, fmt))
-            out.append((h.mean(dim=(2, 3)) * head_w[t].index_select(0, kept[t][-1])).sum(-1))
+            pooled = h.mean(dim=(2, 3))
+            out.append(F.pad(pooled, (0, width - pooled.shape[1])))
         return torch.stack(out, dim=1)
 
-    def _grouped(self, shared: torch.Tensor, tasks: list[int], head_w: torch.Tensor,
-                 fmt: torch.memory_format) -> torch.Tensor:
-        kept, g, h = self._plan[1][2], len(tasks), shared
+    def _grouped(self, shared: torch.Tensor, tasks: list[int], fmt: torch.memory_format, width: int) -> torch.Tensor:
+        """The same, ``len(tasks)`` sub-networks per convolution call."""
+        g, h = len(tasks), shared
         for i, (conv, _, after) in enumerate(self.layers[1:], start=1):
             size_in = None if i == 1 else h.shape[1] // g
             w, b = self._cached(("group", tuple(tasks), i, fmt), lambda: self._stacked(i, tasks, size_in, fmt))
             h = self._apply(conv, after, h, w, b, groups=1 if i == 1 else g)
         pooled = h.mean(dim=(2, 3)).view(len(h), g, -1)
-        size = pooled.shape[-1]
-        weights = torch.stack([F.pad(head_w[t].index_select(0, kept[t][-1]), (0, size - len(kept[t][-1])))
-                               for t in tasks])
-        return (pooled * weights).sum(-1)
+        return F.pad(pooled, (0, width - pooled.shape[-1]))
 
     def _stacked(self, i: int, tasks: list[int], size_in: int | None,
                  fmt: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:

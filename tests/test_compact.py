@@ -107,6 +107,19 @@ def test_all_task_inference_follows_loaded_state_and_dtype_moves():
     assert close(a.predict_all(x.double()).float(), b.predict_all(x))
 
 
+def test_tasks_with_the_same_masks_share_one_sub_network_at_inference():
+    from mtlbench.engine import method_flops
+    dense = trained_dense(1.0)
+    x = torch.randn(4, 3, 16, 16)
+    assert close(dense.predict_all(x), dense(x, list(range(6))))
+    assert dense.all_task._plan[3][0] == [0]  # one representative: every task keeps everything
+    opts = {"widths": (8, 16)}
+    tr = RunConfig(method="tr", tasks=6, sigma=1.0, backbone_options=opts)
+    hard = RunConfig(method="hard", tasks=6, sigma=1.0, backbone_options=opts)
+    assert method_flops(tr, (3, 16, 16))["forward_per_image_task"] == \
+        method_flops(hard, (3, 16, 16))["forward_per_image_task"]
+
+
 def test_inference_option_is_recorded_and_checked():
     from mtlbench.errors import MtlbenchError
     dense = trained_dense(0.5)
