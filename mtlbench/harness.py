@@ -71,12 +71,10 @@ def _check_method_options(base: RunConfig, classes: dict) -> None:
                             f"valid: {valid}")
     for method, cls in classes.items():
         own = {k: v for k, v in options.items() if method in known.get(k, [])}
-        make_config(cls.config_class, own, f"method {method!r}")
-        if own:  # a bad value (unknown choice) fails now, before any run starts
+        if own:  # a value of the wrong type or an unknown choice fails now, before any run
+            config = make_config(cls.config_class, {**own, "schedule": cls.schedules[0]}, f"method {method!r}")
             with torch.device("meta"):
-                backbone = resolve_backbone(base.backbone, 3, base.backbone_options)
-                cls(backbone, 2, make_config(cls.config_class, {**own, "schedule": cls.schedules[0]},
-                                             f"method {method!r}"))
+                cls(resolve_backbone(base.backbone, 3, base.backbone_options), 2, config)
 
 
 def estimate_params(cfg: RunConfig, in_channels: int) -> int:
