@@ -127,7 +127,9 @@ class GroupedColumns:
         var = torch.cat([m.running_var for m in mods])
         if not first.training:
             return F.batch_norm(x, mean, var, weight, bias, False, 0.0, first.eps)
-        momentum = [momentum_step(m) for m in mods][0]  # every column counts the batch
+        for m in mods[1:]:  # every column counts the batch; all use the first's momentum
+            momentum_step(m)
+        momentum = momentum_step(first)
         y = F.batch_norm(x, mean, var, weight, bias, True, momentum, first.eps)
         with torch.no_grad():  # hand each column its share of the updated statistics
             for m, mu, v in zip(mods, mean.chunk(len(mods)), var.chunk(len(mods)), strict=True):

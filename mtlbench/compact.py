@@ -47,6 +47,8 @@ class CompactRouting:
     def __init__(self, leaves: list[nn.Module]) -> None:
         self.leaves = leaves
         self._active: dict[tuple, list[torch.Tensor]] = {}
+        # where the per-task part starts when several tasks share the first layer
+        self._second_conv = next((i for i, m in enumerate(leaves) if i and isinstance(m, nn.Conv2d)), None)
 
     def active(self, task: int, device: torch.device, pad: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Per routed layer: the channels to compute and, if some are padding, which are kept.
@@ -113,8 +115,7 @@ class CompactRouting:
         then each task takes its channels. The running statistics get each task's update in
         turn, on the units that task keeps, exactly as one pass per task would.
         """
-        second = next((i for i, m in enumerate(self.leaves) if isinstance(m, nn.Conv2d) and i > 0), None)
-        conv, routed = self.leaves[0], self.leaves[1]
+        second, conv, routed = self._second_conv, self.leaves[0], self.leaves[1]
         if second is None or conv.bias is not None:
             return [self.forward(x, t) for t in tasks]
         pad = PAD if torch.is_grad_enabled() else 1
