@@ -15,6 +15,7 @@ from torch import nn
 
 from mtlbench.backbones import BackboneSpec
 from mtlbench.columns import ColumnsMethod
+from mtlbench.compact import group_size
 from mtlbench.method import MethodConfig, TaskHeads, count
 from mtlbench.registry import register_method
 
@@ -46,12 +47,21 @@ class SingleTask(ColumnsMethod):
         return torch.stack([self.heads[t].one(self.columns[t](x), 0) for t in tasks], dim=1)
 
     def _all_grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """Every column, as few grouped calls as the activation budget allows (memory stays
+        bounded as T grows: see mtlbench.compact.GROUP_BYTES)."""
+        per_column = x.shape[0] * self.grouped.activation_elements(x) * x.element_size()
+        step = group_size(per_column, self.num_tasks, x.device)
+        return torch.cat([self._grouped_part(x, i, min(i + step, self.num_tasks))
+                          for i in range(0, self.num_tasks, step)], dim=1)
+
+    def _grouped_part(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        grouped = self.grouped if stop - start == self.num_tasks else self.grouped.part(start, stop)
         h = x
         for b in range(len(self.columns[0].blocks)):
-            h = self.grouped.block(b, h, shared=b == 0)
-        features = self.grouped.columns_view(h.mean(dim=(2, 3)).unsqueeze(-1).unsqueeze(-1)).flatten(2)  # [B, T, F]
-        weight = torch.cat([head.weight for head in self.heads])  # [T, F]
-        bias = torch.cat([head.bias for head in self.heads])
+            h = grouped.block(b, h, shared=b == 0)
+        features = grouped.columns_view(h.mean(dim=(2, 3)).unsqueeze(-1).unsqueeze(-1)).flatten(2)  # [B, t, F]
+        weight = torch.cat([head.weight for head in self.heads[start:stop]])  # [t, F]
+        bias = torch.cat([head.bias for head in self.heads[start:stop]])
         return (features * weight).sum(dim=-1) + bias
 
     def describe(self) -> dict:

@@ -24,25 +24,25 @@ from typing import Iterator
 import torch
 
 from mtlbench.backbones import BackboneSpec
-from mtlbench.compact import AllTaskInference, CompactRouting, chain
+from mtlbench.compact import AllTaskInference, CompactRouting, chain, group_size
 from mtlbench.errors import MtlbenchError
 from mtlbench.method import Method, MethodConfig, TaskHeads, count, sample_schedule
 from mtlbench.registry import register_method
 from mtlbench.routing import insert_routers
 
 
-# ``auto`` picks compact routing when tasks keep at most this fraction of units. Measured on
-# a 2-core CPU (T=40, batch 64, training step dense/compact): sigma 0.5 (kept 0.52) 1.5x,
-# sigma 0.75 (kept 0.76) 1.3-1.45x, sigma 0.9 (kept 0.90) 1.02-1.05x. On CUDA (not measured
-# here) small kernels are launch-bound and the gathers cost launches, so it is stricter.
-AUTO_MAX_KEPT = {"cpu": 0.85, "cuda": 0.5}
+# ``auto`` picks compact routing when tasks keep at most this fraction of units. Measured
+# (T=40, batch 64, training step dense/compact): on a 2-core CPU sigma 0.5 (kept 0.52) 1.5x,
+# sigma 0.75 (kept 0.76) 1.3-1.45x, sigma 0.9 (kept 0.90) 1.02-1.05x. On an H200 compact was
+# slower at every sigma (0.59-0.77x for sigma 0 to 0.9, batch 64 and 256): the small kernels
+# are launch-bound and the gathers add launches, so auto keeps the dense form on CUDA.
+AUTO_MAX_KEPT = {"cpu": 0.85, "cuda": 0.0}
 IMPLS = ("auto", "dense", "compact")
 # All-task inference in eval mode (see mtlbench.compact.AllTaskInference). ``grouped`` runs
-# several tasks per convolution call and beat ``loop`` on a 2-core CPU (sigma 0.5, T=40,
-# batch 250: 3.0x vs 2.5x over T masked passes); it is expected to gain more on a GPU,
-# where small kernels are launch-bound. ``auto`` takes grouped wherever folding is possible.
+# several tasks per convolution call and beat ``loop`` over T masked passes (sigma 0.5, T=40)
+# on a 2-core CPU (batch 250: 3.0x vs 2.5x) and more so on an H200 (batch 64: 9.4-10.1x vs
+# 1.8x). ``auto`` takes grouped wherever folding is possible.
 INFERENCE = ("auto", "grouped", "loop", "dense")
-GROUP_BYTES = 64 << 20  # activation budget of one grouped call; sets how many tasks it holds
 
 
 @dataclass
@@ -118,7 +118,7 @@ class TaskRouting(Method):
         if self.training or self.inference == "dense":
             return super().predict_all(x)  # one routed pass per task, in the training impl
         per_task = x.shape[0] * self.all_task.activation_elements(x) * x.element_size()
-        group = max(1, min(self.num_tasks, GROUP_BYTES // max(per_task, 1)))
+        group = group_size(per_task, self.num_tasks, x.device)
         return self.all_task(x, self.heads.weight, self.heads.bias, self.inference, group)
 
     def param_counts(self) -> dict:

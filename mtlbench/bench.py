@@ -12,7 +12,7 @@ import torch
 from mtlbench.compact import PAD
 from mtlbench.config import RunConfig
 from mtlbench.data import Batches
-from mtlbench.engine import build_method, make_optimizer, method_flops, task_loss
+from mtlbench.engine import build_method, make_optimizer, method_flops, task_loss, tf32
 from mtlbench.measure import time_call, tune_allocator
 from mtlbench.results import environment
 
@@ -142,7 +142,7 @@ class Bench:
             "ceiling_gflops": ceiling,
             "train_gflops": train,
             "train_fraction_of_ceiling": train / ceiling,
-            "tr_compact_speedup": {f"{s:g}": self.tr_compact_speedup(s) for s in (0.5, 0.25)},
+            "tr_compact_speedup": {f"{s:g}": self.tr_compact_speedup(s) for s in (0.5, 0.25, 0.75)},
             "tr_compact_over_plain_network": self.tr_compact_over_plain_network(0.5),
             "tr_all_task_inference_speedup": inference[default_inference],
             "tr_all_task_inference_by_mode": inference,
@@ -151,7 +151,7 @@ class Bench:
             "data_fraction_of_step": self.data_fraction_of_step(),
             "setting": {**dataclasses.asdict(self.shape), "device": str(self.device),
                         "threads": torch.get_num_threads(), "memory_format": "channels_last",
-                        "backbone": "convnet (default)",
+                        "backbone": "convnet (default)", "tf32": tf32(self.device),
                         "allocator": "freed memory kept" if self.kept_heap else "default", "timing": "median of repeats after 2 warm-up calls"},
             "environment": environment(),
         }

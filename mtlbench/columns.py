@@ -26,10 +26,11 @@ from mtlbench.method import Method, MethodConfig
 from mtlbench.routing import momentum_step
 
 COLUMN_IMPLS = ("auto", "loop", "grouped")
-# Measured on a 2-core CPU (torch 2.14, convnet, batch 64, see the README's performance
-# section): the loop wins there. CUDA is not measured here; grouped is expected to win on a
-# GPU, where T small kernel launches per layer are the cost (``mtlbench bench --device cuda``
-# reports the ratio that decides it).
+# Measured (convnet, batch 64, loop/grouped; see the README's performance section): on a
+# 2-core CPU (torch 2.14) the loop wins (grouped 0.78-1.04x as fast); on an H200 (torch 2.11)
+# grouped wins, 1.5-2.5x for a cross-stitch step and 1.8-7.3x for stl all-task inference at
+# T=10 and 40, as T kernel launches per layer are the cost there. ``mtlbench bench`` reports
+# the ratio (``columns_grouped_speedup``) on any device.
 AUTO_COLUMNS = {"cpu": "loop", "cuda": "grouped"}
 
 
@@ -96,6 +97,27 @@ class GroupedColumns:
     def num_columns(self) -> int:
         return len(self.columns)
 
+    def part(self, start: int, stop: int) -> "GroupedColumns":
+        """Columns ``start .. stop - 1`` only (to bound the memory of one grouped call)."""
+        return GroupedColumns(self.columns[start:stop])
+
+    def activation_elements(self, x: torch.Tensor) -> int:
+        """Per image and column, the elements of the largest conv output for input ``x``."""
+        h, w, best = x.shape[2], x.shape[3], 0
+        for block in self.leaves[0]:
+            for m in block:
+                if isinstance(m, nn.Conv2d):
+                    if m.padding != "same":
+                        pad = (0, 0) if m.padding == "valid" else m.padding
+                        h, w = (_out(n, k, s, p, d) for n, k, s, p, d in
+                                zip((h, w), m.kernel_size, m.stride, pad, m.dilation))
+                    best = max(best, m.out_channels * h * w)
+                elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+                    k, p = _pair(m.kernel_size), _pair(m.padding)
+                    stride = _pair(m.stride or m.kernel_size)
+                    h, w = (_out(n, k_, s_, p_, 1) for n, k_, s_, p_ in zip((h, w), k, stride, p))
+        return best
+
     def block(self, b: int, x: torch.Tensor, shared: bool) -> torch.Tensor:
         """Block ``b`` of every column: ``x`` is the shared input ``[B, C, H, W]`` (``shared``)
         or the columns' inputs stacked on channels ``[B, T*C, H, W]``; returns ``[B, T*C', H', W']``."""
@@ -140,3 +162,11 @@ class GroupedColumns:
     def columns_view(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, T*C, H, W]`` -> ``[B, T, C, H, W]`` (a view)."""
         return x.unflatten(1, (self.num_columns, -1))
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _out(n: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
+    return max(1, (n + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1)

@@ -21,6 +21,17 @@ from torch import nn
 from mtlbench.routing import Routed, is_tracking_batch_norm, momentum_step
 
 PAD = 8  # compute channel counts in multiples of this (see CompactRouting.active)
+# Activation budget of one grouped call (tr's all-task inference, stl's grouped columns): it
+# sets how many tasks or columns one call holds, so memory stays bounded as T grows. CPU:
+# chosen on a 2-core CPU (larger groups gain nothing there). CUDA: see the README's
+# performance section (measured on an H200, sigma 0.5, T=40, batch 250).
+GROUP_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
+
+
+def group_size(bytes_per_member: int, members: int, device: torch.device | str) -> int:
+    """How many tasks (or columns) of ``bytes_per_member`` activations one grouped call holds."""
+    budget = GROUP_BYTES.get(torch.device(device).type, GROUP_BYTES["cpu"])
+    return max(1, min(members, budget // max(bytes_per_member, 1)))
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Identity,
                nn.Dropout)
 

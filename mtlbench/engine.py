@@ -110,6 +110,14 @@ def autocast(cfg: RunConfig):
     return torch.autocast(torch.device(cfg.device).type, dtype=dtype, enabled=dtype is not None)
 
 
+def tf32(device: torch.device) -> dict | None:
+    """Whether fp32 matmuls and convolutions may run in TF32 on this CUDA device (torch's
+    switches; by default cuDNN convolutions do, matmuls don't). None off CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
+    return {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+
+
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum over the supervised tasks of each task's mean binary cross-entropy."""
     return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="mean") * logits.shape[1]
@@ -251,7 +259,7 @@ def execute(cfg: RunConfig, train_set: TaskDataset, test_set: TaskDataset,
                     "precision": cfg.precision,
                     "allocator": "glibc, freed memory kept (mmap/trim thresholds 1 GiB)" if kept_heap else "default",
                     "autocast": cfg.precision != "fp32",
-                    "grad_scaler": cfg.precision == "fp16"},
+                    "grad_scaler": cfg.precision == "fp16", "tf32": tf32(device)},
         "data": {"task_names": test_set.task_names, "positive_rate_train": train_set.positive_rate(),
                  "positive_rate_test": test_set.positive_rate(),
                  "num_train": len(train_set), "num_test": len(test_set),

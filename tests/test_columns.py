@@ -83,3 +83,23 @@ def test_column_choice_is_by_device_and_recorded():
     assert model.column_impl == "loop"
     with pytest.raises(MtlbenchError, match="columns must be one of"):
         build_method(RunConfig(method="stl", tasks=2, sigma=None, method_options={"columns": "vmap"}), 3)
+
+
+@pytest.mark.parametrize("budget_columns", [1, 3, 4])
+def test_stl_grouped_inference_in_parts_equals_the_loop(monkeypatch, budget_columns):
+    from mtlbench import compact
+    loop, grouped = pair("stl")
+    x = torch.randn(5, 3, 16, 16)
+    per_column = 5 * grouped.grouped.activation_elements(x) * x.element_size()
+    monkeypatch.setitem(compact.GROUP_BYTES, "cpu", per_column * budget_columns)
+    calls = []
+    monkeypatch.setattr(type(grouped), "_grouped_part",
+                        lambda self, x, i, j, real=type(grouped)._grouped_part: calls.append((i, j)) or real(self, x, i, j))
+    for model in (loop, grouped):
+        model.train()
+        model(x, [0, 1, 2, 3])
+        model.eval()
+    calls.clear()
+    with torch.no_grad():
+        assert torch.allclose(loop.predict_all(x), grouped.predict_all(x), **TOL)
+    assert calls == [(i, min(i + budget_columns, 4)) for i in range(0, 4, budget_columns)]
