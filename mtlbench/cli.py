@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     r.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="fp32, or autocast mixed precision (fp16 with a gradient scaler)")
+    r.add_argument("--nondeterministic", action="store_true",
+                   help="CUDA: allow nondeterministic kernels (the same seed may then give other numbers)")
     r.add_argument("--tr-impl", default="auto", choices=["auto", "dense", "compact"],
                    help="task routing: masked dense reference, compact active channels, or auto")
     r.add_argument("--out", default=DEFAULT_OUT, help="results folder (reruns resume in it)")
@@ -169,6 +171,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
                      steps_per_task=args.steps_per_task, batch_size=args.batch_size, lr=args.lr,
                      device=args.device, dataset_options=data_opts, backbone_options=net_opts,
                      task_names=names, holdout=args.holdout, precision=args.precision, tr_impl=args.tr_impl,
+                     deterministic=not args.nondeterministic,
                      method_options=options["method"],
                      holdout_split=args.holdout_split if args.holdout else "train")
     configs = expand(base, methods, tasks, _number_list(float, "--sigma")(args.sigma),

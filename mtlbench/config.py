@@ -33,6 +33,7 @@ class RunConfig:
     holdout_split: str = "train"
     precision: str = "fp32"       # fp32, bf16 or fp16 (autocast; fp16 adds a gradient scaler)
     tr_impl: str = "auto"         # task routing: dense, compact or auto ("" for other methods)
+    deterministic: bool = True    # CUDA: deterministic kernels, so the same seed gives the same numbers
     dataset_options: dict = field(default_factory=dict)
     backbone_options: dict = field(default_factory=dict)
     method_options: dict = field(default_factory=dict)  # the method's own options, as given
@@ -43,8 +44,11 @@ class RunConfig:
     def key(self) -> str:
         """A short, stable hash of the configuration: the identity of a run for resuming."""
         values = self.to_dict()
-        if not values["method_options"]:  # added later: runs written before it keep their keys
+        # Fields added later are left out at their defaults: runs written before keep their keys.
+        if not values["method_options"]:
             del values["method_options"]
+        if values["deterministic"]:
+            del values["deterministic"]
         blob = json.dumps(values, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

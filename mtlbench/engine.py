@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import random
 import statistics
 import time
@@ -25,6 +26,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def set_determinism(device: torch.device, deterministic: bool) -> str:
+    """Make the same seed give the same numbers on ``device``; returns what was done (recorded).
+
+    The CPU kernels these methods use are deterministic as they are. On CUDA, cuDNN's
+    autotuner and several kernels (convolution backward, index_add) are not: ``deterministic``
+    turns on torch's deterministic algorithms (a warning, not an error, for any op without
+    one), deterministic cuDNN and a fixed cuBLAS workspace.
+    """
+    if torch.device(device).type != "cuda":
+        return "cpu kernels (deterministic)"
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    return "torch.use_deterministic_algorithms, cudnn.deterministic" if deterministic else "off (--nondeterministic)"
 
 
 HOLDOUT_SEED = 0  # the carve is the same for every method and seed, so runs stay comparable
@@ -236,6 +255,7 @@ def execute(cfg: RunConfig, train_set: TaskDataset, test_set: TaskDataset,
     """Build, train and evaluate one method; returns the method-level part of a result."""
     device = torch.device(cfg.device)
     kept_heap = tune_allocator()
+    determinism = set_determinism(device, cfg.deterministic)
     flops = method_flops(cfg, tuple(train_set.images.shape[1:]))
     with PeakMemory(cfg.device) as memory:
         model = build_method(cfg, train_set.images.shape[1]).to(device, memory_format=torch.channels_last)
@@ -259,7 +279,8 @@ def execute(cfg: RunConfig, train_set: TaskDataset, test_set: TaskDataset,
                     "precision": cfg.precision,
                     "allocator": "glibc, freed memory kept (mmap/trim thresholds 1 GiB)" if kept_heap else "default",
                     "autocast": cfg.precision != "fp32",
-                    "grad_scaler": cfg.precision == "fp16", "tf32": tf32(device)},
+                    "grad_scaler": cfg.precision == "fp16", "tf32": tf32(device),
+                    "deterministic": determinism},
         "data": {"task_names": test_set.task_names, "positive_rate_train": train_set.positive_rate(),
                  "positive_rate_test": test_set.positive_rate(),
                  "num_train": len(train_set), "num_test": len(test_set),

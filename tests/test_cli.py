@@ -129,3 +129,17 @@ def test_list_shows_every_registry(capsys):
     assert code == 0
     for name in ("tr", "hard", "separate", "cross-stitch", "stl", "synthetic", "convnet", "vgg11"):
         assert name in out
+
+
+def test_run_keys_stay_stable_and_nondeterministic_is_its_own_setting(tmp_path, capsys):
+    from mtlbench.config import RunConfig
+    # keys of runs written before `deterministic` existed (resuming and compare rely on them)
+    assert RunConfig().key() == "f2960b3f4320"
+    assert RunConfig(method="stl", sigma=None, tasks=200, device="cuda").key() == "ab47bbaedbfa"
+    assert RunConfig(deterministic=False).key() != RunConfig().key()
+    assert main(["run", "--methods", "hard", "--tasks", "2", "--nondeterministic", "--out", str(tmp_path),
+                 *TINY_ARGS]) == 0
+    (path,) = (tmp_path / "runs").glob("*.json")
+    run = json.loads(path.read_text())
+    assert run["config"]["deterministic"] is False
+    assert run["runtime"]["deterministic"] == "cpu kernels (deterministic)"  # nothing to switch on a CPU

@@ -192,3 +192,23 @@ def test_stl_grouped_inference_in_parts_on_cuda(monkeypatch):
     loop.eval(), grouped.eval()
     with torch.no_grad():
         assert close(loop.predict_all(x), grouped.predict_all(x))
+
+
+def test_same_seed_same_numbers_on_cuda(tmp_path, capsys):
+    import warnings
+    from mtlbench.cli import main
+    results = []
+    for i in range(2):
+        out = tmp_path / str(i)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["run", "--methods", "tr,hard,separate,cross-stitch,stl", "--tasks", "3", "--device", "cuda",
+                         "--out", str(out), *TINY_ARGS]) == 0
+        assert not [w for w in caught if "determinis" in str(w.message)], [str(w.message) for w in caught]
+        runs = {}
+        for p in (out / "runs").glob("*.json"):
+            run = json.loads(p.read_text())
+            assert run["runtime"]["deterministic"].startswith("torch.use_deterministic_algorithms")
+            runs[run["config"]["method"]] = (run["metrics"]["accuracy"], run["train"]["final_loss"])
+        results.append(runs)
+    assert results[0] == results[1]
