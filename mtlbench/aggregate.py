@@ -13,7 +13,7 @@ T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.
        2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 SETTING = ["dataset", "backbone", "method", "tasks", "sigma", "schedule", "steps_per_task",
-           "batch_size", "lr", "device"]
+           "batch_size", "lr", "device", "precision"]
 METRICS = ["mean_accuracy", "mean_balanced_accuracy", "delta_m_accuracy", "delta_m_balanced_accuracy",
            "params_trainable", "flops_forward_per_image_task", "flops_train_per_pair",
            "train_pairs_per_s", "eval_images_per_s", "peak_memory_mb", "wall_seconds"]
@@ -36,6 +36,8 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """One row per setting (everything but the seed) of the ok runs: ``<metric>_mean``,
     ``<metric>_ci95`` and ``seeds``."""
     ok = df[df["status"] == "ok"].copy()
+    if "precision" not in ok:  # tables written before the column existed: all fp32 then
+        ok["precision"] = "fp32"
     ok["sigma"] = ok["sigma"].astype(float)
     rows = []
     for key, group in ok.groupby(SETTING, dropna=False, sort=True):

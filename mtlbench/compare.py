@@ -25,6 +25,8 @@ def load_table(path: Path, warn=print) -> pd.DataFrame:
         df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     except Exception as exc:  # pandas raises many types for a malformed file
         raise MtlbenchError(f"cannot read {str(path)!r} as a results table: {exc}") from None
+    if "precision" not in df:  # written before the column existed, when every run was fp32
+        df["precision"] = "fp32"
     missing = {"status", "seed", "mean_accuracy", "train_pairs_per_s", *SETTING} - set(df.columns)
     if missing:
         raise MtlbenchError(f"{str(path)!r} is not an mtlbench results table (missing {', '.join(sorted(missing))})")

@@ -28,12 +28,12 @@ COLUMNS = [
     "delta_m_accuracy", "delta_m_balanced_accuracy", "params_trainable", "params_shared",
     "params_task_specific", "flops_forward_per_image_task", "flops_train_per_pair",
     "train_seconds", "train_pairs_per_s", "eval_images_per_s", "peak_memory_mb",
-    "wall_seconds", "device", "threads", "reason",
+    "wall_seconds", "device", "precision", "threads", "reason",
 ]
 
 # Runs are compared with stl only when everything but the method (and sigma) matches.
 MATCH_KEYS = ["dataset", "dataset_options", "backbone", "backbone_options", "tasks", "seed",
-              "steps_per_task", "batch_size", "lr", "optimizer"]
+              "steps_per_task", "batch_size", "lr", "optimizer", "precision"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -146,6 +146,7 @@ def _row(run: dict) -> dict:
         "peak_memory_mb": mem["peak_bytes"] / 2**20 if mem.get("peak_bytes") else None,
         "train_pairs_per_s": tr.get("pairs_per_s"), "eval_images_per_s": ev.get("images_per_s"),
         "wall_seconds": run.get("wall_seconds"), "device": c.get("device"),
+        "precision": c.get("precision", "fp32"),
         "threads": env.get("threads"), "reason": run.get("reason")}
 
 

@@ -192,3 +192,28 @@ def test_log_spaced_task_shorthand():
     from mtlbench.cli import parse_tasks
     assert parse_tasks("2:500") == [2, 5, 10, 20, 50, 100, 200, 500]
     assert parse_tasks("3:40") == [3, 5, 10, 20, 40]
+
+
+def test_precisions_are_separate_settings_with_their_own_stl_reference(tmp_path, capsys):
+    from mtlbench.aggregate import aggregate
+    for precision in ("fp32", "bf16"):
+        assert main(["run", "--methods", "hard,stl", "--tasks", "2", "--precision", precision,
+                     "--out", str(tmp_path), *TINY_ARGS]) == 0
+    runs = results.load_runs(tmp_path)
+    agg = aggregate(results.table(runs))
+    assert sorted(zip(agg["method"], agg["precision"])) == [("hard", "bf16"), ("hard", "fp32"),
+                                                             ("stl", "bf16"), ("stl", "fp32")]
+    assert (agg["seeds"] == 1).all()
+    by = {(r["config"]["method"], r["config"]["precision"]): r for r in runs}
+    for precision in ("fp32", "bf16"):
+        hard, stl = by["hard", precision], by["stl", precision]
+        expected = results.delta_m(hard["metrics"]["accuracy"], stl["metrics"]["accuracy"])
+        assert hard["delta_m"]["accuracy"] == pytest.approx(expected)
+
+
+def test_tables_written_before_the_precision_column_still_compare(tmp_path, capsys):
+    from pathlib import Path
+    old = Path(__file__).resolve().parents[1] / "reports" / "synthetic-sweep" / "runs.csv"
+    df = pd.read_csv(old)
+    assert "precision" not in df.columns  # written by an earlier version
+    assert main(["compare", str(old), str(old)]) == 0
