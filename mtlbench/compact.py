@@ -22,9 +22,10 @@ from mtlbench.routing import Routed, is_tracking_batch_norm, momentum_step
 
 PAD = 8  # compute channel counts in multiples of this (see CompactRouting.active)
 # Activation budget of one grouped call (tr's all-task inference, stl's grouped columns): it
-# sets how many tasks or columns one call holds, so memory stays bounded as T grows. CPU:
-# chosen on a 2-core CPU (larger groups gain nothing there). CUDA: see the README's
-# performance section (measured on an H200, sigma 0.5, T=40, batch 250).
+# sets how many tasks or columns one call holds, so memory stays bounded as T grows.
+# Measured with tests/benchmarks/auto_rules.py (sigma 0.5, T=40, batch 250): on a 2-core CPU
+# larger budgets gain nothing for tr and make stl 2-3x slower (out of cache); on an H200,
+# 1 GiB is as fast as 4 GiB and 1.4x (tr) to 1.8x (stl) faster than 64 MiB.
 GROUP_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
 
 
