@@ -14,6 +14,8 @@ T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.
 
 SETTING = ["dataset", "backbone", "method", "tasks", "sigma", "schedule", "steps_per_task",
            "batch_size", "lr", "device", "precision"]
+# Setting columns added later, and the value every run had before they existed.
+LATER_COLUMNS = {"precision": "fp32"}
 METRICS = ["mean_accuracy", "mean_balanced_accuracy", "delta_m_accuracy", "delta_m_balanced_accuracy",
            "params_trainable", "flops_forward_per_image_task", "flops_train_per_pair",
            "train_pairs_per_s", "eval_images_per_s", "peak_memory_mb", "wall_seconds"]
@@ -32,12 +34,18 @@ def setting_label(method: str, sigma) -> str:
     return f"tr σ={sigma:g}" if method == "tr" and sigma is not None and not pd.isna(sigma) else method
 
 
+def fill_later_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """A table written before a setting column existed gets the value all its runs had."""
+    for column, value in LATER_COLUMNS.items():
+        if column not in df:
+            df[column] = value
+    return df
+
+
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """One row per setting (everything but the seed) of the ok runs: ``<metric>_mean``,
     ``<metric>_ci95`` and ``seeds``."""
-    ok = df[df["status"] == "ok"].copy()
-    if "precision" not in ok:  # tables written before the column existed: all fp32 then
-        ok["precision"] = "fp32"
+    ok = fill_later_columns(df[df["status"] == "ok"].copy())
     ok["sigma"] = ok["sigma"].astype(float)
     rows = []
     for key, group in ok.groupby(SETTING, dropna=False, sort=True):

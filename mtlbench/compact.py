@@ -33,6 +33,8 @@ def group_size(bytes_per_member: int, members: int, device: torch.device | str) 
     """How many tasks (or columns) of ``bytes_per_member`` activations one grouped call holds."""
     budget = GROUP_BYTES.get(torch.device(device).type, GROUP_BYTES["cpu"])
     return max(1, min(members, budget // max(bytes_per_member, 1)))
+
+
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Identity,
                nn.Dropout)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from mtlbench import results
-from mtlbench.aggregate import SETTING, aggregate
+from mtlbench.aggregate import SETTING, aggregate, fill_later_columns
 from mtlbench.errors import MtlbenchError
 
 
@@ -25,8 +25,7 @@ def load_table(path: Path, warn=print) -> pd.DataFrame:
         df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     except Exception as exc:  # pandas raises many types for a malformed file
         raise MtlbenchError(f"cannot read {str(path)!r} as a results table: {exc}") from None
-    if "precision" not in df:  # written before the column existed, when every run was fp32
-        df["precision"] = "fp32"
+    df = fill_later_columns(df)
     missing = {"status", "seed", "mean_accuracy", "train_pairs_per_s", *SETTING} - set(df.columns)
     if missing:
         raise MtlbenchError(f"{str(path)!r} is not an mtlbench results table (missing {', '.join(sorted(missing))})")
