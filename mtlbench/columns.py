@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlbench.compact import ELEMENTWISE
+from mtlbench.compact import ELEMENTWISE, conv_outputs
 from mtlbench.errors import MtlbenchError
 from mtlbench.method import Method, MethodConfig
 from mtlbench.routing import momentum_step
@@ -103,20 +103,7 @@ class GroupedColumns:
 
     def activation_elements(self, x: torch.Tensor) -> int:
         """Per image and column, the elements of the largest conv output for input ``x``."""
-        h, w, best = x.shape[2], x.shape[3], 0
-        for block in self.leaves[0]:
-            for m in block:
-                if isinstance(m, nn.Conv2d):
-                    if m.padding != "same":
-                        pad = (0, 0) if m.padding == "valid" else m.padding
-                        h, w = (_out(n, k, s, p, d) for n, k, s, p, d in
-                                zip((h, w), m.kernel_size, m.stride, pad, m.dilation))
-                    best = max(best, m.out_channels * h * w)
-                elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-                    k, p = _pair(m.kernel_size), _pair(m.padding)
-                    stride = _pair(m.stride or m.kernel_size)
-                    h, w = (_out(n, k_, s_, p_, 1) for n, k_, s_, p_ in zip((h, w), k, stride, p))
-        return best
+        return max(conv_outputs((m for block in self.leaves[0] for m in block), x.shape[2], x.shape[3]), default=0)
 
     def block(self, b: int, x: torch.Tensor, shared: bool) -> torch.Tensor:
         """Block ``b`` of every column: ``x`` is the shared input ``[B, C, H, W]`` (``shared``)
@@ -163,10 +150,3 @@ class GroupedColumns:
         """``[B, T*C, H, W]`` -> ``[B, T, C, H, W]`` (a view)."""
         return x.unflatten(1, (self.num_columns, -1))
 
-
-def _pair(v) -> tuple[int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
-def _out(n: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
-    return max(1, (n + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1)

@@ -35,6 +35,31 @@ def group_size(bytes_per_member: int, members: int, device: torch.device | str) 
     return max(1, min(members, budget // max(bytes_per_member, 1)))
 
 
+def conv_outputs(modules, height: int, width: int) -> list[int]:
+    """Per image, the elements of each conv's output as ``modules`` run in order from an
+    input of ``height x width`` (convs and pools change the size; other modules don't)."""
+    sizes = []
+    for m in modules:
+        if isinstance(m, nn.Conv2d):
+            if m.padding != "same":
+                pad = (0, 0) if m.padding == "valid" else m.padding
+                height, width = (_out(n, k, s, p, d) for n, k, s, p, d in
+                                 zip((height, width), m.kernel_size, m.stride, pad, m.dilation))
+            sizes.append(m.out_channels * height * width)
+        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+            k, p, s = _pair(m.kernel_size), _pair(m.padding), _pair(m.stride or m.kernel_size)
+            height, width = (_out(n, k_, s_, p_, 1) for n, k_, s_, p_ in zip((height, width), k, s, p))
+    return sizes
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _out(n: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
+    return max(1, (n + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1)
+
+
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Identity,
                nn.Dropout)
 
@@ -217,14 +242,10 @@ class AllTaskInference:
         return layers
 
     def activation_elements(self, x: torch.Tensor) -> int:
-        """Per image and task, the elements of the largest activation after the first layer."""
-        size, best = x.shape[2] * x.shape[3], 0
-        for i, (conv, _, after) in enumerate(self.layers):
-            size //= conv.stride[0] * conv.stride[1]
-            if i:
-                best = max(best, conv.out_channels * size)
-            size //= 4 ** sum(isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) for m in after)
-        return best
+        """Per image and task, the elements of the largest conv output after the first layer
+        (the first is computed once for all tasks)."""
+        sizes = conv_outputs(self.compact.leaves, x.shape[2], x.shape[3])
+        return max(sizes[1:], default=0)
 
     def supported(self) -> bool:
         """Folding needs running statistics (a norm without them uses batch statistics)."""
@@ -336,7 +357,7 @@ class AllTaskInference:
             features = torch.cat([run(shared, reps[lo:lo + step], fmt, width)
                                   for lo in range(0, len(reps), step)], dim=1)  # [B, reps, width]
         weights = head_w.gather(1, index) * valid  # each task's head on its kept channels
-        chunk = max(1, (64 << 20) // max(1, features.shape[0] * width * features.element_size()))
+        chunk = group_size(features.shape[0] * width * features.element_size(), len(owner), x.device)
         logits = [(features.index_select(1, owner[lo:lo + chunk]) * weights[lo:lo + chunk]).sum(-1)
                   for lo in range(0, len(owner), chunk)]
         return torch.cat(logits, dim=1) + head_b
