@@ -1,11 +1,14 @@
 """``mtlbench bench``: speed figures as ratios against references measured in the same process.
 
-Every figure: warm-up, then the median of at least 5 timed repeats (``--quick`` uses
-smaller shapes and 3 repeats, for tests), on one device, with the thread count recorded.
+Every figure: warm-up, then at least 5 timed repeats (``--quick`` uses smaller shapes and 3
+repeats, for tests), on one device, with the thread count recorded. A figure and its
+reference are timed in turns (see :func:`mtlbench.measure.time_turns`) and a ratio is the
+median of the per-turn ratios.
 """
 from __future__ import annotations
 
 import dataclasses
+import statistics
 
 import torch
 
@@ -13,7 +16,7 @@ from mtlbench.compact import PAD
 from mtlbench.config import RunConfig
 from mtlbench.data import Batches
 from mtlbench.engine import build_method, make_optimizer, method_flops, task_loss, tf32
-from mtlbench.measure import time_call, tune_allocator
+from mtlbench.measure import median_ratio, time_call, time_turns, tune_allocator
 from mtlbench.results import environment
 
 
@@ -40,6 +43,12 @@ class Bench:
     def timed(self, fn) -> float:
         return time_call(fn, warmup=2, repeats=self.shape.repeats, device=str(self.device))["median_s"]
 
+    def turns(self, **fns) -> dict[str, list[float]]:
+        return time_turns(fns, warmup=2, repeats=self.shape.repeats, device=str(self.device))
+
+    def predict_all(self, model) -> callable:
+        return torch.no_grad()(lambda: model.predict_all(self.x))
+
     def model(self, method: str, tasks: int, **changes):
         cfg = RunConfig(method=method, tasks=tasks, device=str(self.device), **changes)
         model = build_method(cfg, 3).to(self.device, memory_format=torch.channels_last)
@@ -58,23 +67,25 @@ class Bench:
             opt.step()
         return step
 
-    def ceiling_gflops(self) -> float:
+    def ceiling_and_train(self) -> dict[str, float]:
+        """A large matmul (the ceiling) and a training step of the default backbone under
+        ``hard``, in turns: GFLOP/s of each and the step's fraction of the ceiling."""
         n = self.shape.matmul
         a, b = (torch.randn(n, n, device=self.device) for _ in range(2))
-        return 2 * n ** 3 / self.timed(lambda: a @ b) / 1e9
-
-    def train_gflops(self) -> float:
         cfg, model = self.model("hard", self.shape.tasks, sigma=1.0, schedule="all")
         flops = method_flops(cfg, (3, self.shape.size, self.shape.size))["train_per_pair"]
-        step_flops = flops * self.shape.batch * self.shape.tasks
-        return step_flops / self.timed(self.train_step(cfg, model)) / 1e9
+        step_flops, matmul_flops = flops * self.shape.batch * self.shape.tasks, 2 * n ** 3
+        t = self.turns(matmul=lambda: a @ b, train=self.train_step(cfg, model))
+        return {"ceiling_gflops": matmul_flops / statistics.median(t["matmul"]) / 1e9,
+                "train_gflops": step_flops / statistics.median(t["train"]) / 1e9,
+                "train_fraction_of_ceiling": step_flops / matmul_flops * median_ratio(t, "matmul", "train")}
 
     def tr_compact_speedup(self, sigma: float) -> float:
-        times = {}
+        steps = {}
         for impl in ("dense", "compact"):
             cfg, model = self.model("tr", self.shape.tasks, sigma=sigma, schedule="sample", tr_impl=impl)
-            times[impl] = self.timed(self.train_step(cfg, model))
-        return times["dense"] / times["compact"]
+            steps[impl] = self.train_step(cfg, model)
+        return median_ratio(self.turns(**steps), "dense", "compact")
 
     def tr_compact_over_plain_network(self, sigma: float = 0.5) -> float:
         """A compact ``tr`` step over a plain one-task network as wide as what compact computes.
@@ -84,41 +95,39 @@ class Bench:
         """
         cfg, model = self.model("tr", self.shape.tasks, sigma=sigma, schedule="sample", tr_impl="compact")
         widths = [len(idx) for idx, _ in model.compact.active(0, self.device, PAD)]
-        compact = self.timed(self.train_step(cfg, model))
         plain_cfg, plain = self.model("hard", 1, sigma=1.0, schedule="all", backbone_options={"widths": tuple(widths)})
-        return compact / self.timed(self.train_step(plain_cfg, plain))
+        t = self.turns(compact=self.train_step(cfg, model), plain=self.train_step(plain_cfg, plain))
+        return median_ratio(t, "compact", "plain")
 
-    @torch.no_grad()
     def tr_all_task_inference(self, sigma: float = 0.5) -> dict[str, float]:
         """T masked dense passes over each all-task path (eval mode, the same weights)."""
-        times = {}
+        predict = {}
         for mode in ("dense", "loop", "grouped"):
             _, model = self.model("tr", self.shape.tasks, sigma=sigma, schedule="sample", tr_impl="dense",
                                   method_options={"inference": mode})
-            model.eval()
-            times[mode] = self.timed(lambda: model.predict_all(self.x))
-        return {mode: times["dense"] / times[mode] for mode in ("loop", "grouped")}
+            predict[mode] = self.predict_all(model.eval())
+        t = self.turns(**predict)
+        return {mode: median_ratio(t, "dense", mode) for mode in ("loop", "grouped")}
 
     def cross_stitch_step_s_per_task(self) -> dict[str, float]:
-        out = {}
-        for t in self.shape.cross_stitch_tasks:
-            cfg, model = self.model("cross-stitch", t, sigma=None, schedule="all")
-            out[str(t)] = self.timed(self.train_step(cfg, model)) / t
-        return out
+        steps = {}
+        for tasks in self.shape.cross_stitch_tasks:
+            cfg, model = self.model("cross-stitch", tasks, sigma=None, schedule="all")
+            steps[str(tasks)] = self.train_step(cfg, model)
+        t = self.turns(**steps)
+        return {tasks: statistics.median(t[tasks]) / int(tasks) for tasks in steps}
 
     def columns_grouped_speedup(self) -> dict[str, float]:
         """Loop over grouped, for the decision in mtlbench.columns.AUTO_COLUMNS (>1: grouped wins)."""
-        t = self.shape.cross_stitch_tasks[0]
-        times = {}
+        tasks = self.shape.cross_stitch_tasks[0]
+        step, predict = {}, {}
         for impl in ("loop", "grouped"):
-            cfg, model = self.model("cross-stitch", t, sigma=None, schedule="all", method_options={"columns": impl})
-            times["cross_stitch_step", impl] = self.timed(self.train_step(cfg, model))
-            _, model = self.model("stl", t, sigma=None, schedule="all", method_options={"columns": impl})
-            model.eval()
-            with torch.no_grad():
-                times["stl_all_task_inference", impl] = self.timed(lambda: model.predict_all(self.x))
-        return {f"{what}_T{t}": times[what, "loop"] / times[what, "grouped"]
-                for what in ("cross_stitch_step", "stl_all_task_inference")}
+            cfg, model = self.model("cross-stitch", tasks, sigma=None, schedule="all", method_options={"columns": impl})
+            step[impl] = self.train_step(cfg, model)
+            _, model = self.model("stl", tasks, sigma=None, schedule="all", method_options={"columns": impl})
+            predict[impl] = self.predict_all(model.eval())
+        return {f"{what}_T{tasks}": median_ratio(self.turns(**fns), "loop", "grouped")
+                for what, fns in (("cross_stitch_step", step), ("stl_all_task_inference", predict))}
 
     def data_fraction_of_step(self) -> float:
         """Batch slicing and normalisation time over one default ``tr`` training step."""
@@ -128,20 +137,16 @@ class Bench:
         labels = torch.randint(0, 2, (n, self.shape.tasks), dtype=torch.uint8, device=self.device)
         batches = Batches(images, labels, self.shape.batch, 0, (0.5,) * 3, (0.25,) * 3)
         k = iter(range(10 ** 9))
-        data = self.timed(lambda: batches.get(next(k)))
         cfg, model = self.model("tr", self.shape.tasks, sigma=0.5, schedule="sample")
-        return data / self.timed(self.train_step(cfg, model))
+        t = self.turns(data=lambda: batches.get(next(k)), step=self.train_step(cfg, model))
+        return median_ratio(t, "data", "step")
 
     def run(self) -> dict:
-        ceiling = self.ceiling_gflops()
         inference = self.tr_all_task_inference(0.5)
         _, model = self.model("tr", 2, sigma=0.5, schedule="sample")
         default_inference = model.inference  # what "auto" picks on this device
-        train = self.train_gflops()
         return {
-            "ceiling_gflops": ceiling,
-            "train_gflops": train,
-            "train_fraction_of_ceiling": train / ceiling,
+            **self.ceiling_and_train(),
             "tr_compact_speedup": {f"{s:g}": self.tr_compact_speedup(s) for s in (0.5, 0.25, 0.75)},
             "tr_compact_over_plain_network": self.tr_compact_over_plain_network(0.5),
             "tr_all_task_inference_speedup": inference[default_inference],
@@ -152,7 +157,8 @@ class Bench:
             "setting": {**dataclasses.asdict(self.shape), "device": str(self.device),
                         "threads": torch.get_num_threads(), "memory_format": "channels_last",
                         "backbone": "convnet (default)", "tf32": tf32(self.device),
-                        "allocator": "freed memory kept" if self.kept_heap else "default", "timing": "median of repeats after 2 warm-up calls"},
+                        "allocator": "freed memory kept" if self.kept_heap else "default",
+                        "timing": "figure and reference in turns after 2 warm-up calls; median of per-turn ratios"},
             "environment": environment(),
         }
 

@@ -16,7 +16,8 @@ For each sigma, with the ``mtlbench bench`` shapes (default backbone, batch 64, 
   at its input size, summed), so batch norm, ReLU, pooling and the optimiser play no part;
 - ``tr_compact_speedup``: the masked dense ``tr`` step over the compact one, as ``bench``.
 
-Each ratio is measured in one process, 2 warm-up calls, the median of 7 repeats.
+Each ratio is measured in one process, its calls in turns after 2 warm-up calls, as the
+median of 7 per-turn ratios (as ``mtlbench bench``).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from torch import nn
 
 from mtlbench.bench import Bench, BenchShape
 from mtlbench.compact import PAD
-from mtlbench.measure import count_flops
+from mtlbench.measure import count_flops, median_ratio
 
 
 def common_widths(model, pad: int, device: torch.device) -> tuple[int, ...]:
@@ -51,8 +52,9 @@ def conv_inputs(model: nn.Module, x: torch.Tensor) -> list[tuple[nn.Conv2d, tupl
     return seen
 
 
-def conv_step(b: Bench, layers, widths: tuple[int, ...]) -> float:
-    """Forward + backward of every conv at these output widths (inputs: the previous width)."""
+def conv_step(b: Bench, layers, widths: tuple[int, ...]):
+    """A call running forward + backward of every conv at these output widths (inputs: the
+    previous width)."""
     calls, cin = [], None
     for (conv, shape), cout in zip(layers, widths, strict=True):
         cin = shape[1] if cin is None else cin
@@ -66,7 +68,7 @@ def conv_step(b: Bench, layers, widths: tuple[int, ...]) -> float:
     def run():
         for x, w, g, conv in calls:
             F.conv2d(x, w, None, conv.stride, conv.padding).backward(g)
-    return b.timed(run)
+    return run
 
 
 def bound(b: Bench, sigma: float) -> dict:
@@ -74,19 +76,19 @@ def bound(b: Bench, sigma: float) -> dict:
     widths = {"full": tuple(r.masks.shape[1] for r in tr.routers),
               "kept": common_widths(tr, 1, b.device), "computed": common_widths(tr, PAD, b.device)}
     out = {"widths": {k: "-".join(map(str, w)) for k, w in widths.items()}, "flop_ratio": {}, "plain_speedup": {}, "conv_speedup": {}}
-    plain_s, flops, conv_s = {}, {}, {}
+    steps, flops, convs = {}, {}, {}
     for name, w in widths.items():
         plain_cfg, plain = b.model("hard", 1, sigma=1.0, schedule="all", backbone_options={"widths": w})
         if name == "full":  # widths are listed full first
             layers = conv_inputs(plain, b.x)
-        step = b.train_step(plain_cfg, plain)
-        flops[name] = count_flops(step)
-        plain_s[name] = b.timed(step)
-        conv_s[name] = conv_step(b, layers, w)
+        steps[name] = b.train_step(plain_cfg, plain)
+        flops[name] = count_flops(steps[name])
+        convs[name] = conv_step(b, layers, w)
+    plain_t, conv_t = b.turns(**steps), b.turns(**convs)
     for name in ("kept", "computed"):
         out["flop_ratio"][name] = flops["full"] / flops[name]
-        out["plain_speedup"][name] = plain_s["full"] / plain_s[name]
-        out["conv_speedup"][name] = conv_s["full"] / conv_s[name]
+        out["plain_speedup"][name] = median_ratio(plain_t, "full", name)
+        out["conv_speedup"][name] = median_ratio(conv_t, "full", name)
     out["tr_compact_speedup"] = b.tr_compact_speedup(sigma)
     return out
 
