@@ -7,6 +7,7 @@ import math
 import pytest
 
 from mtlbench.cli import main
+from mtlbench.measure import median_ratio, time_turns
 
 from conftest import TINY_ARGS
 
@@ -50,3 +51,12 @@ def test_tr_impl_is_recorded(tmp_path, capsys):
     (path,) = (tmp_path / "runs").glob("*.json")
     run = json.loads(path.read_text())
     assert run["method_details"]["impl"] == "compact" and run["config"]["tr_impl"] == "compact"
+
+
+def test_turns_alternate_the_calls_and_ratios_pair_them():
+    calls = []
+    times = time_turns({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, repeats=3)
+    assert calls == ["a", "b"] * 4  # one warm-up turn, then three timed turns, in order
+    assert [len(v) for v in times.values()] == [3, 3]
+    # the median of per-turn ratios, not the ratio of medians (3/1, 2/4, 8/2 -> 3, 0.5, 4)
+    assert median_ratio({"x": [3.0, 2.0, 8.0], "y": [1.0, 4.0, 2.0]}, "x", "y") == 3.0
