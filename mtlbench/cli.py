@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="small shapes and 3 repeats (for tests)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--device", default="cpu")
+    b.add_argument("--repeats", type=int, default=None,
+                   help="timed turns per figure, the median taken (default 5; 3 with --quick); more on a noisy machine")
     ls = sub.add_parser("list", help="list registered methods, datasets and backbones")
     ls.add_argument("pattern", nargs="?", default="*", help="wildcard, e.g. 'cross*'")
     return p
@@ -215,9 +217,16 @@ def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
 def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
     import json
 
-    from mtlbench.bench import QUICK, Bench, render
+    import dataclasses
+
+    from mtlbench.bench import QUICK, Bench, BenchShape, render
     _check_device(args.device)
-    figures = Bench(args.device, QUICK if args.quick else None).run()
+    shape = QUICK if args.quick else BenchShape()
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise MtlbenchError(f"--repeats must be at least 1, got {args.repeats}")
+        shape = dataclasses.replace(shape, repeats=args.repeats)
+    figures = Bench(args.device, shape).run()
     print(json.dumps(figures, indent=1) if args.json else render(figures))
     return 0
 

@@ -60,3 +60,12 @@ def test_turns_alternate_the_calls_and_ratios_pair_them():
     assert [len(v) for v in times.values()] == [3, 3]
     # the median of per-turn ratios, not the ratio of medians (3/1, 2/4, 8/2 -> 3, 0.5, 4)
     assert median_ratio({"x": [3.0, 2.0, 8.0], "y": [1.0, 4.0, 2.0]}, "x", "y") == 3.0
+
+
+def test_bench_repeats_is_recorded_and_bad_values_are_one_line(capsys):
+    assert main(["bench", "--quick", "--json", "--repeats", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["setting"]["repeats"] == 1
+    for bad in ("0", "many"):
+        assert main(["bench", "--quick", "--repeats", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("mtlbench: error:") and "--repeats" in err, err
