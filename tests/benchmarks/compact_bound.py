@@ -75,7 +75,8 @@ def bound(b: Bench, sigma: float) -> dict:
     cfg, tr = b.model("tr", b.shape.tasks, sigma=sigma, schedule="sample", tr_impl="compact")
     widths = {"full": tuple(r.masks.shape[1] for r in tr.routers),
               "kept": common_widths(tr, 1, b.device), "computed": common_widths(tr, PAD, b.device)}
-    out = {"widths": {k: "-".join(map(str, w)) for k, w in widths.items()}, "flop_ratio": {}, "plain_speedup": {}, "conv_speedup": {}}
+    out = {"widths": {k: "-".join(map(str, w)) for k, w in widths.items()},
+           "flop_ratio": {}, "plain_speedup": {}, "conv_speedup": {}}
     steps, flops, convs = {}, {}, {}
     for name, w in widths.items():
         plain_cfg, plain = b.model("hard", 1, sigma=1.0, schedule="all", backbone_options={"widths": w})
