@@ -28,6 +28,7 @@ def test_compact_bound_widths_flops_and_ratios():
     kept = [int(k) for k in out["widths"]["kept"].split("-")]
     computed = [int(k) for k in out["widths"]["computed"].split("-")]
     assert out["widths"]["full"] == "-".join(map(str, full))
+    assert out["widths"]["fraction"] == "-".join(str(round(0.5 * c)) for c in full)
     for layer, router in enumerate(tr.routers):  # the most common kept count, padded up to PAD
         counts = router.masks.sum(dim=1).long().tolist()
         assert counts.count(kept[layer]) == max(counts.count(c) for c in counts)

@@ -6,10 +6,11 @@
 For each sigma, with the ``mtlbench bench`` shapes (default backbone, batch 64, 32 px):
 
 - ``widths``: channels per layer of the full network, of what a task keeps (the most common
-  count over the T tasks) and of what compact computes in training (kept, padded to
-  ``mtlbench.compact.PAD``);
+  count over the T tasks), of what compact computes in training (kept, padded to
+  ``mtlbench.compact.PAD``), and ``fraction``: sigma times the full widths, rounded (what a
+  task would keep if it kept exactly a fraction sigma, with no units of its own);
 - ``flop_ratio``: training-step FLOPs (``torch.utils.flop_counter``) of the full network
-  over a plain network of the kept and of the computed widths;
+  over a plain network of each of those widths;
 - ``plain_speedup``: a training step of the full plain network over one of those widths
   (what an unrouted network of those widths gives, with no gathers or masks at all);
 - ``conv_speedup``: the same for the convolutions alone (forward + backward of each conv
@@ -73,8 +74,9 @@ def conv_step(b: Bench, layers, widths: tuple[int, ...]):
 
 def bound(b: Bench, sigma: float) -> dict:
     cfg, tr = b.model("tr", b.shape.tasks, sigma=sigma, schedule="sample", tr_impl="compact")
-    widths = {"full": tuple(r.masks.shape[1] for r in tr.routers),
-              "kept": common_widths(tr, 1, b.device), "computed": common_widths(tr, PAD, b.device)}
+    full = tuple(r.masks.shape[1] for r in tr.routers)
+    widths = {"full": full, "kept": common_widths(tr, 1, b.device), "computed": common_widths(tr, PAD, b.device),
+              "fraction": tuple(max(1, round(sigma * c)) for c in full)}
     out = {"widths": {k: "-".join(map(str, w)) for k, w in widths.items()},
            "flop_ratio": {}, "plain_speedup": {}, "conv_speedup": {}}
     steps, flops, convs = {}, {}, {}
@@ -86,7 +88,7 @@ def bound(b: Bench, sigma: float) -> dict:
         flops[name] = count_flops(steps[name])
         convs[name] = conv_step(b, layers, w)
     plain_t, conv_t = b.turns(**steps), b.turns(**convs)
-    for name in ("kept", "computed"):
+    for name in ("kept", "computed", "fraction"):
         out["flop_ratio"][name] = flops["full"] / flops[name]
         out["plain_speedup"][name] = median_ratio(plain_t, "full", name)
         out["conv_speedup"][name] = median_ratio(conv_t, "full", name)
