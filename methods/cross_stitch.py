@@ -6,7 +6,7 @@ Misra, Shrivastava, Gupta, Hebert, "Cross-stitch Networks for Multi-task Learnin
 Implemented: one full backbone column per task and a cross-stitch unit after each conv
 block, x̃_i = Σ_j α_ij ⊙ x_j with a trainable per-channel α of shape ``[T, T, C]``,
 initialised to 0.9 on the diagonal and 0.1/(T-1) off it (each row sums to 1). Every task
-runs each step. The mixing is one einsum over the task axis per block. Parameters grow as
+runs each step (schedule ``all``; the losses are combined by the run's task weighting). The mixing is one einsum over the task axis per block. Parameters grow as
 T·backbone + blocks·T²·channels, which :meth:`CrossStitch.param_counts` reports.
 
 Deviations: the paper stitches two tasks' AlexNets after pooling layers; here any number of
@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from mtlbench.backbones import BackboneSpec
-from mtlbench.columns import ColumnsMethod
-from mtlbench.method import MethodConfig, TaskHeads, count
+from mtlbench.method import TaskHeads, count
+from mtlbench.methods.columns import ColumnsMethod, WeightedColumnsOptions
 from mtlbench.registry import register_method
 
 
@@ -38,8 +38,10 @@ def stitch(alpha: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
 
 @register_method("cross-stitch", "Cross-stitch networks: a column per task, mixed by trainable alpha after each block.")
 class CrossStitch(ColumnsMethod):
-    def __init__(self, backbone: BackboneSpec, num_tasks: int, config: MethodConfig, seed: int = 0) -> None:
-        super().__init__(backbone, num_tasks, config, seed)
+    options_class = WeightedColumnsOptions
+
+    def __init__(self, backbone: BackboneSpec, num_tasks: int, options: WeightedColumnsOptions, seed: int = 0) -> None:
+        super().__init__(backbone, num_tasks, options, seed)
         self.columns = nn.ModuleList(backbone.build() for _ in range(num_tasks))
         channels = self.columns[0].block_channels
         self.alphas = nn.ParameterList(nn.Parameter(stitch_init(num_tasks, c)) for c in channels)
@@ -73,6 +75,16 @@ class CrossStitch(ColumnsMethod):
 
     def describe(self) -> dict:
         return {**self.describe_columns(), "stitch": "one einsum over the task axis per block"}
+
+    @classmethod
+    def bench_figures(cls, bench) -> dict:
+        """Step time per task as T grows, and loop over grouped columns for ``AUTO_COLUMNS``."""
+        steps = {str(t): bench.train_step(*bench.model("cross-stitch", t)) for t in bench.shape.cross_stitch_tasks}
+        times = bench.turns(**steps)
+        tasks = bench.shape.cross_stitch_tasks[0]
+        grouped = {impl: bench.train_step(*bench.model("cross-stitch", tasks, columns=impl)) for impl in ("loop", "grouped")}
+        return {"cross_stitch_step_s_per_task": {t: bench.median(times[t]) / int(t) for t in steps},
+                "columns_grouped_speedup": {f"cross_stitch_step_T{tasks}": bench.ratio(grouped, "loop", "grouped")}}
 
     def param_counts(self) -> dict:
         stitches = sum(a.numel() for a in self.alphas)

@@ -2,7 +2,7 @@
 
 A backbone maps images to a feature vector. It is a sequence of blocks (so cross-stitch can
 mix columns after each block) followed by global average pooling. Methods never carry their
-own copy of the network: they call :func:`build_backbone` once per column they need.
+own copy of the network: they call :meth:`BackboneSpec.build` once per column they need.
 """
 from __future__ import annotations
 

@@ -57,19 +57,37 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--task-names", default=None, help="comma list of task names (instead of the first T)")
     r.add_argument("--dataset", default="synthetic")
     r.add_argument("--backbone", default="convnet")
-    r.add_argument("--sigma", default="0.5", help="task routing's sharing ratio(s) in [0, 1]")
-    r.add_argument("--schedule", default="", help="sample (one task per step) or all; default per method")
-    r.add_argument("--steps-per-task", type=int, default=20, help="supervised batches each task gets")
+    r.add_argument("--sigma", default=None,
+                   help="task routing's sharing ratio(s) in [0, 1] (shorthand for -o method.sigma; a list is swept)")
+    r.add_argument("--weighting", default=None,
+                   help="task weighting(s) for methods whose schedule supervises several tasks per step "
+                        "(ew, uw, dwa, ...; a list is swept; see mtlbench list)")
+    r.add_argument("--schedule", default="", help="sample, all or paper (tr); default per method")
+    r.add_argument("--epochs", type=float, default=None,
+                   help="budget: passes over the training images each task gets (default: the dataset's)")
+    r.add_argument("--steps-per-task", type=int, default=None, help="budget: supervised batches each task gets")
     r.add_argument("--batch-size", type=int, default=64)
-    r.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate, the same for every method")
+    r.add_argument("--lr", default="3e-3", help="learning rate(s), the same for every method (a list is swept)")
+    r.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"],
+                   help="cosine decay after a linear warm-up (default), or constant")
+    r.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps spent warming up")
+    r.add_argument("--pos-weight", default=None, choices=["auto", "none"],
+                   help="weigh each task's positives by negatives/positives (auto) or not; default: the dataset's")
+    r.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of the training split carved off for validation and model selection (0: none)")
+    r.add_argument("--eval-every", default="auto",
+                   help="validation during training: auto (10 times), N steps, or Xep (every X epochs)")
+    r.add_argument("--patience", type=int, default=0,
+                   help="stop after this many evaluations without a better validation score (0: never)")
     r.add_argument("--seed", default="0", help="a seed or a comma list")
     r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     r.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="fp32, or autocast mixed precision (fp16 with a gradient scaler)")
     r.add_argument("--nondeterministic", action="store_true",
                    help="CUDA: allow nondeterministic kernels (the same seed may then give other numbers)")
-    r.add_argument("--tr-impl", default="auto", choices=["auto", "dense", "compact"],
-                   help="task routing: masked dense reference, compact active channels, or auto")
+    r.add_argument("--tr-impl", default=None, choices=["auto", "dense", "compact"],
+                   help="task routing: masked dense reference, compact active channels, or auto "
+                        "(shorthand for -o method.impl)")
     r.add_argument("--out", default=DEFAULT_OUT, help="results folder (reruns resume in it)")
     r.add_argument("--data-root", default=None, help="dataset folder (default $MTLBENCH_DATA or ~/.cache/mtlbench)")
     r.add_argument("--download", action="store_true", help="let torchvision download missing files")
@@ -78,28 +96,53 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--holdout-split", default="train", help="the split --holdout carves (train or test)")
     r.add_argument("--max-params", type=int, default=100_000_000,
                    help="record settings with more trainable parameters as skipped")
+    r.add_argument("--max-train-seconds", type=float, default=None,
+                   help="time the first steps of each run and record it as skipped if its training is projected "
+                        "to take longer (the measured step time is kept)")
     r.add_argument("-o", "--option", action="append", default=[], metavar="TARGET.KEY=VALUE",
-                   help="dataset, backbone or method option, e.g. dataset.relatedness=0.2, "
-                        "method.inference=loop (tr), method.columns=grouped (stl, cross-stitch)")
+                   help="dataset, backbone, method or weighting option, e.g. dataset.relatedness=0.2, "
+                        "method.bn_stats=kept (tr), method.columns=grouped (stl, cross-stitch), weighting.c=0.4")
     rep = sub.add_parser("report", help="tables, figures and a README from a results folder")
     rep.add_argument("results_dir", help="a folder written by mtlbench run")
     rep.add_argument("--out", required=True, help="report folder, e.g. reports/NAME")
     rep.add_argument("--title", default=None)
+    rep.add_argument("--metric", default="balanced_accuracy", choices=["balanced_accuracy", "accuracy", "auroc", "ap"],
+                     help="the headline metric (tables, figures and Δm)")
+    _selection_args(rep)
     cmp_ = sub.add_parser("compare", help="fail (exit 1) on accuracy or throughput regressions")
     cmp_.add_argument("baseline", help="results folder or results table (csv/parquet)")
     cmp_.add_argument("new", help="results folder or results table (csv/parquet)")
-    cmp_.add_argument("--max-acc-drop", type=float, default=1.0, help="allowed accuracy drop, points")
+    cmp_.add_argument("--max-acc-drop", type=float, default=1.0, help="allowed drop of --metric, points")
     cmp_.add_argument("--max-slowdown", type=float, default=10.0, help="allowed throughput drop, percent")
-    cmp_.add_argument("--metric", default="mean_accuracy", choices=["mean_accuracy", "mean_balanced_accuracy"])
+    cmp_.add_argument("--metric", default="mean_balanced_accuracy",
+                      choices=["mean_balanced_accuracy", "mean_accuracy", "mean_auroc", "mean_ap"])
+    _selection_args(cmp_)
     b = sub.add_parser("bench", help="speed figures as ratios against same-process references")
     b.add_argument("--quick", action="store_true", help="small shapes and 3 repeats (for tests)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--device", default="cpu")
     b.add_argument("--repeats", type=int, default=None,
                    help="timed turns per figure, the median taken (default 5; 3 with --quick); more on a noisy machine")
-    ls = sub.add_parser("list", help="list registered methods, datasets and backbones")
+    ls = sub.add_parser("list", help="list registered methods, weightings, datasets and backbones")
     ls.add_argument("pattern", nargs="?", default="*", help="wildcard, e.g. 'cross*'")
     return p
+
+
+def _selection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--select", default=None, choices=["val"],
+                   help="per method and setting, keep the values of the --tune options with the best validation "
+                        "score, and report their test scores")
+    p.add_argument("--tune", default="lr", help="options selected by --select val: run options (lr) or method "
+                                               "options (method.sigma), comma list")
+
+
+def _tune(args: argparse.Namespace) -> list[str] | None:
+    if not args.select:
+        return None
+    tune = [t.strip() for t in args.tune.split(",") if t.strip()]
+    if not tune:
+        raise MtlbenchError("--tune is empty")
+    return tune
 
 
 def cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
@@ -110,7 +153,8 @@ def cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
             names = reg.names(args.pattern)
             print(f"{title}:")
             for name in names:
-                print(f"  {name:<14} {reg.describe(name)}")
+                paper = getattr(reg.get(name), "paper", "") if title == "weightings" else ""
+                print(f"  {name:<14} {reg.describe(name)}" + (f" [{paper}]" if paper else ""))
             if not names:
                 print("  (none match)")
             for name, err in reg.plugin_errors.items():
@@ -119,11 +163,25 @@ def cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _validate_ints(args: argparse.Namespace) -> None:
-    for opt in ("steps_per_task", "batch_size", "max_params"):
+    for opt in ("batch_size", "max_params"):
         if getattr(args, opt) < 1:
             raise MtlbenchError(f"--{opt.replace('_', '-')} must be at least 1, got {getattr(args, opt)}")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise MtlbenchError(f"--lr must be a positive number, got {args.lr}")
+    if args.steps_per_task is not None and args.steps_per_task < 1:
+        raise MtlbenchError(f"--steps-per-task must be at least 1, got {args.steps_per_task}")
+    if args.epochs is not None and not (args.epochs > 0 and math.isfinite(args.epochs)):
+        raise MtlbenchError(f"--epochs must be a positive number, got {args.epochs}")
+    if args.epochs is not None and args.steps_per_task is not None:
+        raise MtlbenchError("give the budget as --epochs or as --steps-per-task, not both")
+    if args.patience < 0:
+        raise MtlbenchError(f"--patience must be 0 (never stop early) or more, got {args.patience}")
+    if not 0.0 <= args.warmup < 1.0:
+        raise MtlbenchError(f"--warmup must be a fraction in [0, 1), got {args.warmup:g}")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise MtlbenchError(f"--val-fraction must be 0 (no validation) or a fraction in (0, 1), got {args.val_fraction:g}")
+    if args.max_train_seconds is not None and not args.max_train_seconds > 0:
+        raise MtlbenchError(f"--max-train-seconds must be positive, got {args.max_train_seconds}")
+    if args.patience and not args.val_fraction:
+        raise MtlbenchError("--patience needs a validation split (--val-fraction > 0)")
 
 
 def _check_device(device: str) -> None:
@@ -141,7 +199,9 @@ def _check_device(device: str) -> None:
 def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     from mtlbench import results
     from mtlbench.config import RunConfig, parse_options, resolved_options
+    from mtlbench.engine import eval_steps
     from mtlbench.harness import Sweep, expand
+    from mtlbench.method import Budget
     from mtlbench.registry import BACKBONES, DATASETS
 
     _validate_ints(args)
@@ -162,6 +222,10 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     if max(tasks) > dataset.max_tasks:
         raise MtlbenchError(f"{args.dataset} offers at most {dataset.max_tasks} tasks; --tasks asks for {max(tasks)}")
     _check_device(args.device)
+    eval_steps(args.eval_every, 10, Budget(10, 1, 1.0))  # the syntax, before any run
+    lrs = _number_list(float, "--lr")(args.lr)
+    if any(lr <= 0 for lr in lrs):
+        raise MtlbenchError(f"--lr must be positive, got {args.lr}")
     options = parse_options(args.option)
     # Store every option with its default filled in: the result is then reproducible from
     # its own file, and a changed default changes the run's key instead of being resumed.
@@ -169,18 +233,39 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     net_opts = resolved_options(BACKBONES.get(args.backbone).config_class, options["backbone"],
                                 f"backbone {args.backbone!r}")
     net_opts.pop("in_channels")  # set from the dataset's images
-    base = RunConfig(dataset=args.dataset, backbone=args.backbone, schedule=args.schedule,
-                     steps_per_task=args.steps_per_task, batch_size=args.batch_size, lr=args.lr,
+    method_opts = dict(options["method"])
+    for flag, key, value in (("--schedule", "schedule", args.schedule), ("--tr-impl", "impl", args.tr_impl)):
+        if value:
+            if key in method_opts and method_opts[key] != value:
+                raise MtlbenchError(f"{flag} {value} disagrees with -o method.{key}={method_opts[key]}")
+            method_opts[key] = value
+    axes = {}
+    for flag, key, value, parse in (("--sigma", "sigma", args.sigma, _number_list(float, "--sigma")),
+                                    ("--weighting", "weighting", args.weighting, _name_list)):
+        if value is not None:
+            if key in method_opts:
+                raise MtlbenchError(f"give {key} once: {flag} or -o method.{key}")
+            axes[key] = parse(value)
+    for sigma in axes.get("sigma", []):
+        if not 0.0 <= sigma <= 1.0:
+            raise MtlbenchError(f"--sigma must be in [0, 1], got {sigma:g}")
+    base = RunConfig(dataset=args.dataset, backbone=args.backbone, epochs=args.epochs,
+                     steps_per_task=args.steps_per_task, batch_size=args.batch_size,
+                     lr_schedule=args.lr_schedule, warmup=args.warmup,
+                     pos_weight=args.pos_weight or dataset.default_pos_weight, val_fraction=args.val_fraction,
+                     eval_every=args.eval_every, patience=args.patience,
                      device=args.device, dataset_options=data_opts, backbone_options=net_opts,
-                     task_names=names, holdout=args.holdout, precision=args.precision, tr_impl=args.tr_impl,
-                     deterministic=not args.nondeterministic,
-                     method_options=options["method"],
+                     task_names=names, holdout=args.holdout, precision=args.precision,
+                     deterministic=not args.nondeterministic, method_options=method_opts,
                      holdout_split=args.holdout_split if args.holdout else "train")
-    configs = expand(base, methods, tasks, _number_list(float, "--sigma")(args.sigma),
-                     _number_list(int, "--seed")(args.seed))
+    configs = expand(base, methods, tasks, _number_list(int, "--seed")(args.seed), axes=axes, lrs=lrs,
+                     weighting_options=options["weighting"])
+    for cfg in configs:
+        if not 0 <= cfg.seed < 2 ** 63:
+            raise MtlbenchError(f"--seed must be in [0, 2^63), got {cfg.seed}")
     sweep = Sweep(Path(args.out), args.max_params, warn=lambda m: print(m, file=sys.stderr),
                   data_root=args.data_root, command=" ".join(["mtlbench", *map(shlex.quote, argv)]),
-                  download=args.download)
+                  download=args.download, max_train_seconds=args.max_train_seconds)
     sweep.run(configs)
     df = results.table(results.load_runs(sweep.out, warn=lambda m: print(m, file=sys.stderr)))
     results.write_tables(sweep.out, df)
@@ -190,10 +275,17 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _name_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise MtlbenchError(f"expected a comma list of names, got {text!r}")
+    return names
+
+
 def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
     from mtlbench.report import write_report
     written = write_report(Path(args.results_dir), Path(args.out), args.title,
-                           warn=lambda m: print(m, file=sys.stderr))
+                           warn=lambda m: print(m, file=sys.stderr), metric=args.metric, tune=_tune(args))
     print(f"wrote {len(written)} files to {args.out} (README.md, tables, figures as PNG and SVG)")
     return 0
 
@@ -207,10 +299,10 @@ def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
     base, new = load_table(Path(args.baseline), warn), load_table(Path(args.new), warn)
     if not (base["status"] == "ok").any():
         raise MtlbenchError(f"baseline {args.baseline!r} has no finished runs")
-    table, problems = compare(base, new, args.max_acc_drop, args.max_slowdown, args.metric)
+    table, problems = compare(base, new, args.max_acc_drop, args.max_slowdown, args.metric, _tune(args))
     print(render(table))
     print(f"\n{problems} problem(s) in {len(table)} setting(s) "
-          f"(limits: accuracy -{args.max_acc_drop:g} pts, throughput -{args.max_slowdown:g}%)")
+          f"(limits: {args.metric} -{args.max_acc_drop:g} pts, throughput -{args.max_slowdown:g}%)")
     return 1 if problems else 0
 
 

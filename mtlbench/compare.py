@@ -1,18 +1,23 @@
-"""``mtlbench compare BASELINE NEW``: per-setting regressions in accuracy and throughput.
+"""``mtlbench compare BASELINE NEW``: per-setting regressions in a metric and in throughput.
 
 Either side may be a results folder (its run files are read) or a table written by mtlbench
-(``results.csv``/``.parquet`` or a report's ``runs.csv``). Settings are matched on everything
-but the seed, and seeds are averaged.
+(``results.csv``/``.parquet`` or a report's ``runs.csv``). Settings are matched by their
+identity (:func:`mtlbench.config.setting_key`: everything but the seed), and seeds are
+averaged. A value that is missing or not a number on the new side is a problem, never a pass.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
 
 from mtlbench import results
-from mtlbench.aggregate import SETTING, aggregate, fill_later_columns
+from mtlbench.aggregate import aggregate, select_val
 from mtlbench.errors import MtlbenchError
+
+NEEDED = {"status", "seed", "setting", "label", "tasks", "dataset", "train_pairs_per_s", "mean_accuracy",
+          "mean_balanced_accuracy"}
 
 
 def load_table(path: Path, warn=print) -> pd.DataFrame:
@@ -25,46 +30,58 @@ def load_table(path: Path, warn=print) -> pd.DataFrame:
         df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     except Exception as exc:  # pandas raises many types for a malformed file
         raise MtlbenchError(f"cannot read {str(path)!r} as a results table: {exc}") from None
-    df = fill_later_columns(df)
-    missing = {"status", "seed", "mean_accuracy", "train_pairs_per_s", *SETTING} - set(df.columns)
+    missing = NEEDED - set(df.columns)
     if missing:
-        raise MtlbenchError(f"{str(path)!r} is not an mtlbench results table (missing {', '.join(sorted(missing))})")
+        raise MtlbenchError(f"{str(path)!r} is not a results table of this mtlbench version (missing "
+                            f"{', '.join(sorted(missing))}); compare the results folder, or rebuild the table "
+                            "with mtlbench report")
     return df
 
 
 def compare(base: pd.DataFrame, new: pd.DataFrame, max_acc_drop: float, max_slowdown: float,
-            metric: str = "mean_accuracy") -> tuple[pd.DataFrame, int]:
-    """Per-setting differences, and the number of problems (regressions plus missing settings)."""
+            metric: str = "mean_balanced_accuracy", tune: list[str] | None = None) -> tuple[pd.DataFrame, int]:
+    """Per-setting differences, and the number of problems (regressions, missing settings,
+    values that are not numbers). ``tune``: select on validation over these options first."""
+    if tune:  # the chosen values may differ between the sides: match settings without them
+        base, new = select_val(base, tune), select_val(new, tune)
     a, b = aggregate(base), aggregate(new)
-    for df in (a, b):
-        df["sigma"] = df["sigma"].map(lambda s: "-" if pd.isna(s) else f"{s:g}")
-    keys = SETTING + ["label"]
-    m = a.merge(b, on=keys, how="left", suffixes=("_base", "_new"), indicator=True)
+    key = "tuned_group" if tune else "setting"
+    m = a.merge(b, on=key, how="left", suffixes=("_base", "_new"), indicator=True)
     out = pd.DataFrame({
-        "tasks": m["tasks"], "method": m["label"], "dataset": m["dataset"],
-        "acc_base": 100 * m[f"{metric}_mean_base"], "acc_new": 100 * m[f"{metric}_mean_new"],
+        "tasks": m["tasks_base"], "method": m["label_base"], "dataset": m["dataset_base"],
+        "metric_base": 100 * m[f"{metric}_mean_base"], "metric_new": 100 * m[f"{metric}_mean_new"],
         "thr_base": m["train_pairs_per_s_mean_base"], "thr_new": m["train_pairs_per_s_mean_new"],
     })
-    out["acc_change_pts"] = out["acc_new"] - out["acc_base"]
+    out["metric_change_pts"] = out["metric_new"] - out["metric_base"]
     out["thr_change_pct"] = 100 * (out["thr_new"] - out["thr_base"]) / out["thr_base"]
     missing = m["_merge"] == "left_only"
     verdicts = []
-    for miss, acc, thr in zip(missing, out["acc_change_pts"], out["thr_change_pct"]):
+    for miss, new_metric, change, thr_new, thr in zip(missing, out["metric_new"], out["metric_change_pts"],
+                                                      out["thr_new"], out["thr_change_pct"]):
         v = []
         if miss:
             v.append("MISSING in new")
-        if not miss and acc < -max_acc_drop:
-            v.append(f"ACCURACY -{-acc:.2f} pts")
-        if not miss and thr < -max_slowdown:
-            v.append(f"SLOWER {-thr:.1f}%")
+        else:
+            if not _number(new_metric):
+                v.append(f"{metric.upper()} NOT A NUMBER")
+            elif _number(change) and change < -max_acc_drop:
+                v.append(f"{metric.upper()} -{-change:.2f} pts")
+            if not _number(thr_new):
+                v.append("THROUGHPUT NOT A NUMBER")
+            elif _number(thr) and thr < -max_slowdown:
+                v.append(f"SLOWER {-thr:.1f}%")
         verdicts.append("; ".join(v) or "ok")
     out["verdict"] = verdicts
     return out, sum(v != "ok" for v in verdicts)
 
 
+def _number(v) -> bool:
+    return v is not None and not pd.isna(v) and math.isfinite(float(v))
+
+
 def render(df: pd.DataFrame) -> str:
     show = df.copy()
-    for c in ("acc_base", "acc_new", "acc_change_pts", "thr_change_pct"):
+    for c in ("metric_base", "metric_new", "metric_change_pts", "thr_change_pct"):
         show[c] = show[c].map(lambda v: "n/a" if pd.isna(v) else f"{v:+.2f}" if "change" in c else f"{v:.2f}")
     for c in ("thr_base", "thr_new"):
         show[c] = show[c].map(lambda v: "n/a" if pd.isna(v) else f"{v:,.0f}")

@@ -1,8 +1,10 @@
-"""Sweeps: methods x tasks x sigma x seeds, resumable, one atomic result file per run."""
+"""Sweeps: methods x method-option axes x tasks x learning rates x seeds, resumable, one
+atomic result file per run."""
 from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import logging
 import time
 import traceback
@@ -14,67 +16,99 @@ from tqdm import tqdm
 
 from mtlbench import results
 from mtlbench.backbones import resolve_backbone
-from mtlbench.config import RunConfig, make_config
+from mtlbench.config import RunConfig, setting_key
+from mtlbench.engine import OverBudget, build_method, execute, load_data, make_budget, resolve_budget
 from mtlbench.errors import MtlbenchError
-from mtlbench.engine import build_method, execute, load_data
-from mtlbench.method import count
-from mtlbench.registry import METHODS
+from mtlbench.method import SCHEDULES, count
+from mtlbench.registry import METHODS, WEIGHTINGS
 
 log = logging.getLogger(__name__)
 
 
-def expand(base: RunConfig, methods: list[str], tasks: list[int], sigmas: list[float],
-           seeds: list[int]) -> list[RunConfig]:
-    """The fully resolved grid. Sigma is collapsed for methods that ignore it and the
-    schedule falls back to the method's default where it does not apply, so nothing runs
-    twice under two names."""
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def expand(base: RunConfig, methods: list[str], tasks: list[int], seeds: list[int],
+           axes: dict[str, list] | None = None, lrs: list[float] | None = None,
+           weighting_options: dict | None = None) -> list[RunConfig]:
+    """The fully resolved grid.
+
+    ``base.method_options`` holds single method options (``-o method.KEY=VALUE``, and the
+    shorthands ``--schedule``, ``--tr-impl``): each goes to the methods that have it (a
+    schedule only where the method supports it). ``axes`` maps a method option to a list of
+    values swept for the methods that have it (``--sigma``, ``--weighting``); a method without
+    it runs once. A weighting other than ``ew`` applies to methods whose schedule supervises
+    several tasks per step; ``weighting_options`` (``-o weighting.KEY=VALUE``) go to the
+    weightings that have them. Nothing runs twice under two names.
+    """
+    axes, lrs, weighting_options = dict(axes or {}), lrs or [base.lr], dict(weighting_options or {})
     classes = {name: METHODS.get(name) for name in methods}
-    if base.schedule and not any(base.schedule in c.schedules for c in classes.values()):
-        raise MtlbenchError(f"--schedule {base.schedule!r} applies to none of {', '.join(methods)}")
-    _check_method_options(base, classes)
-    for sigma in sigmas:
-        if not 0.0 <= sigma <= 1.0:
-            raise MtlbenchError(f"--sigma must be in [0, 1], got {sigma:g}")
-    out, seen = [], set()
-    for t in tasks:
-        for seed in seeds:
-            for name, cls in classes.items():
-                schedule = base.schedule if base.schedule in cls.schedules else cls.schedules[0]
-                fields = {f.name for f in dataclasses.fields(cls.config_class)}
-                own = {k: v for k, v in base.method_options.items() if k in fields}
-                for sigma in sigmas if cls.uses_sigma else [cls.fixed_sigma]:
-                    cfg = dataclasses.replace(base, method=name, tasks=t, sigma=sigma, seed=seed,
-                                              schedule=schedule, tr_impl=base.tr_impl if "impl" in fields else "",
-                                              method_options=own)
-                    if cfg.key() not in seen:
-                        seen.add(cfg.key())
-                        out.append(cfg)
-    return out
-
-
-def _check_method_options(base: RunConfig, classes: dict) -> None:
-    """Each ``-o method.KEY=VALUE`` must be an option of at least one method in the sweep;
-    it is given to those methods only, and checked by building their configs."""
-    options = base.method_options
-    for name in set(options) & {"sigma", "schedule"}:
-        raise MtlbenchError(f"set {name} with --{name}, not as -o method.{name}")
-    known = {}
-    for method, cls in classes.items():
-        fields = {f.name for f in dataclasses.fields(cls.config_class)} - {"sigma", "schedule"}
-        for f in fields:
-            known.setdefault(f, []).append(method)
-    unknown = sorted(set(options) - set(known))
+    given = dict(base.method_options)
+    known = {f for cls in classes.values() for f in _fields(cls.options_class)}
+    unknown = sorted(set(given) - known - {"weighting", "weighting_options"})
     if unknown:
-        valid = ", ".join(f"{k} ({'/'.join(v)})" for k, v in sorted(known.items())) or \
-            "none (these methods take no method options)"
-        raise MtlbenchError(f"unknown method option(s) {', '.join(unknown)} for {', '.join(classes)}; "
-                            f"valid: {valid}")
-    for method, cls in classes.items():
-        own = {k: v for k, v in options.items() if method in known.get(k, [])}
-        if own:  # a value of the wrong type or an unknown choice fails now, before any run
-            config = make_config(cls.config_class, {**own, "schedule": cls.schedules[0]}, f"method {method!r}")
-            with torch.device("meta"):
-                cls(resolve_backbone(base.backbone, 3, base.backbone_options), 2, config)
+        valid = ", ".join(f"{f} ({'/'.join(m for m, c in classes.items() if f in _fields(c.options_class))})"
+                          for f in sorted(known - {"schedule", "weighting", "weighting_options"})) or "none"
+        raise MtlbenchError(f"unknown method option(s) {', '.join(unknown)} for {', '.join(classes)}; valid: {valid}")
+    schedule = given.get("schedule")
+    if schedule and not any(schedule in c.schedules for c in classes.values()):
+        raise MtlbenchError(f"--schedule {schedule!r} applies to none of {', '.join(methods)}")
+    _check_weightings(classes, given, axes.get("weighting", []), weighting_options)
+    out, seen = [], set()
+    base = resolve_budget(base)
+    for name, cls in classes.items():
+        fields = _fields(cls.options_class)
+        own = {k: v for k, v in given.items() if k in fields and k != "schedule"}
+        if schedule and schedule in cls.schedules:
+            own["schedule"] = schedule
+        many = SCHEDULES[own.get("schedule") or cls.schedules[0]].many_tasks_per_step
+        method_axes = {k: v for k, v in axes.items() if k in fields and (k != "weighting" or many)}
+        grid = [dict(zip(method_axes, values)) for values in itertools.product(*method_axes.values())]
+        for point in grid:
+            options = {**own, **point}
+            if "weighting" in options:
+                wcls = WEIGHTINGS.get(options["weighting"])
+                options["weighting_options"] = {k: v for k, v in weighting_options.items()
+                                                if k in _fields(wcls.options_class)}
+            resolved = cls.resolve_options(options)
+            _check_builds(cls, base, resolved)
+            for t, lr, seed in itertools.product(tasks, lrs, seeds):
+                cfg = dataclasses.replace(base, method=name, tasks=t, seed=seed, lr=lr, method_options=resolved)
+                if cfg.key() not in seen:
+                    seen.add(cfg.key())
+                    out.append(cfg)
+    order = {t: i for i, t in enumerate(tasks)}
+    return sorted(out, key=lambda c: order[c.tasks])  # sweeps go T by T (one dataset in memory)
+
+
+def _check_weightings(classes: dict, given: dict, names: list[str], options: dict) -> None:
+    """Every weighting exists; one other than ``ew`` and every weighting option apply to some
+    method of the sweep."""
+    for name in names:
+        WEIGHTINGS.get(name)
+    takers = [m for m, c in classes.items() if "weighting" in _fields(c.options_class) and
+              SCHEDULES[given.get("schedule") if given.get("schedule") in c.schedules else c.schedules[0]]
+              .many_tasks_per_step]
+    special = [n for n in names if n != "ew"]
+    if special and not takers:
+        raise MtlbenchError(f"--weighting {special[0]} needs a schedule that supervises several tasks per step; "
+                            f"none of {', '.join(classes)} runs one (tr: add --schedule all)")
+    if options:
+        fields = set().union(*(_fields(WEIGHTINGS.get(n).options_class) for n in names or ["ew"]))
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise MtlbenchError(f"unknown weighting option(s) {', '.join(unknown)} for {', '.join(names or ['ew'])}; "
+                                f"valid: {', '.join(sorted(fields)) or 'none'}")
+        for name in names:  # values of the wrong type fail now, before any run
+            wcls = WEIGHTINGS.get(name)
+            wcls.resolve_options({k: v for k, v in options.items() if k in _fields(wcls.options_class)})
+
+
+def _check_builds(cls: type, base: RunConfig, resolved: dict) -> None:
+    """Choices that depend on the backbone (a compact form, say) fail now, before any run."""
+    with torch.device("meta"):
+        cls(resolve_backbone(base.backbone, 3, base.backbone_options), 2, cls.options_from(resolved))
 
 
 def estimate_params(cfg: RunConfig, in_channels: int) -> int:
@@ -84,22 +118,41 @@ def estimate_params(cfg: RunConfig, in_channels: int) -> int:
 
 
 class Sweep:
-    """Runs configurations into ``out``; finished runs (same config hash) are skipped."""
+    """Runs configurations into ``out``; finished runs (same config hash) are skipped.
+
+    Budgets: a setting with more than ``max_params`` trainable parameters, or (with
+    ``max_train_seconds``) whose first timed steps project a longer training, is recorded as
+    skipped with the reason and what was measured. A skipped run is tried again by a later
+    sweep with a larger budget.
+    """
 
     def __init__(self, out: Path, max_params: int, warn: Callable[[str], None] = print,
-                 data_root: str | None = None, command: str = "", download: bool = False) -> None:
+                 data_root: str | None = None, command: str = "", download: bool = False,
+                 max_train_seconds: float | None = None) -> None:
         self.out, self.max_params, self.warn, self.data_root = Path(out), max_params, warn, data_root
-        self.command, self.download = command, download
+        self.command, self.download, self.max_train_seconds = command, download, max_train_seconds
         results.check_writable(self.out)
-        self._data: dict[str, tuple] = {}
+        self._data: dict[str, object] = {}
+
+    def budgets(self) -> dict:
+        return {"max_params": self.max_params, "max_train_seconds": self.max_train_seconds}
+
+    def _still_skipped(self, run: dict) -> bool:
+        """Skipped under budgets no larger than the current ones."""
+        then = run.get("budgets") or {}
+        for name, now in self.budgets().items():
+            before = then.get(name)
+            if (before is None) != (now is None) or (now is not None and now > before):
+                return False
+        return True
 
     def finished(self) -> dict[str, dict]:
         return {r["key"]: r for r in results.load_runs(self.out, warn=self.warn)
-                if r.get("status") in ("ok", "skipped")}
+                if r.get("status") == "ok" or (r.get("status") == "skipped" and self._still_skipped(r))}
 
-    def data(self, cfg: RunConfig) -> tuple:
+    def data(self, cfg: RunConfig):
         key = repr((cfg.dataset, sorted(cfg.dataset_options.items()), cfg.tasks, cfg.task_names,
-                    cfg.holdout, cfg.holdout_split))
+                    cfg.holdout, cfg.holdout_split, cfg.val_fraction))
         if key not in self._data:
             self._data = {key: load_data(cfg, self.data_root, self.download)}  # keep one: sweeps go T by T
         return self._data[key]
@@ -115,16 +168,19 @@ class Sweep:
         return [done[c.key()] for c in configs]
 
     def run_one(self, cfg: RunConfig) -> dict:
-        train_set, test_set = self.data(cfg)
-        result = {"schema": results.SCHEMA, "key": cfg.key(), "config": cfg.to_dict(), "command": self.command,
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": results.environment()}
+        data = self.data(cfg)
+        config = cfg.to_dict()
+        result = {"schema": results.SCHEMA, "key": cfg.key(), "setting": setting_key(config),
+                  "label": METHODS.get(cfg.method).label(cfg.method_options), "config": config,
+                  "command": self.command, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "environment": results.environment()}
         start = time.perf_counter()
-        params = estimate_params(cfg, train_set.images.shape[1])
+        params = estimate_params(cfg, data.train.images.shape[1])
         if params > self.max_params:
             result.update(status="skipped", reason=f"{params:,} trainable parameters exceed "
-                          f"--max-params {self.max_params:,}", params={"trainable": params})
+                          f"--max-params {self.max_params:,}", params={"trainable": params}, budgets=self.budgets())
         else:
-            result.update(self._attempt(cfg, train_set, test_set))
+            result.update(self._attempt(cfg, data))
         result["wall_seconds"] = time.perf_counter() - start
         results.write_json_atomic(self._free_path(result), result)
         return result
@@ -139,15 +195,22 @@ class Sweep:
             n += 1
         return path
 
-    def _attempt(self, cfg: RunConfig, train_set, test_set) -> dict:
-        label = f"{cfg.method} T={cfg.tasks}" + (f" sigma={cfg.sigma:g}" if cfg.sigma is not None else "") + \
-            f" seed={cfg.seed}"
-        total = METHODS.get(cfg.method).total_steps(cfg.tasks, cfg.steps_per_task, cfg.schedule)
+    def _attempt(self, cfg: RunConfig, data) -> dict:
+        label = f"{METHODS.get(cfg.method).label(cfg.method_options)} T={cfg.tasks} seed={cfg.seed}"
+        cls = METHODS.get(cfg.method)
+        total = cls.total_steps(cfg.tasks, make_budget(cfg, len(data.train)), cfg.method_options["schedule"])
         with tqdm(total=total, desc=label, leave=False, unit="step", dynamic_ncols=True) as bar:
             try:
-                return {"status": "ok", **execute(cfg, train_set, test_set, bar.update)}
+                return {"status": "ok", **execute(cfg, data, bar.update, self.max_train_seconds)}
             except MtlbenchError:
                 raise  # bad input: one line and exit 2, not a failed run
+            except OverBudget as over:
+                self.warn(f"mtlbench: {label} skipped: {over}")
+                return {"status": "skipped", "reason": str(over), "probe": {
+                    k: v for k, v in over.details.items() if k not in ("params", "flops")},
+                    "params": over.details["params"], "flops": over.details["flops"],
+                    "memory": {"peak_bytes": over.details["peak_memory_bytes"], "how": over.details["memory_how"]
+                               + " (during the probe steps)"}, "budgets": self.budgets()}
             except Exception as exc:
                 # Out of memory, a non-finite loss, a kernel failure, a plugin's bug: record it
                 # and go on with the sweep.

@@ -82,11 +82,15 @@ class PeakMemory:
     and ``how`` says so.
     """
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", reset: bool = True) -> None:
         self.cuda = torch.device(device).type == "cuda"
+        self.reset = reset  # False: continue an earlier measurement (its peak is kept)
         self.bytes, self.how = 0, ""
 
     def __enter__(self) -> "PeakMemory":
+        if not self.reset:
+            self.how = "continued"
+            return self
         release_free_memory()  # memory the allocator kept from earlier runs is not this run's
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -121,10 +125,10 @@ def tune_allocator() -> bool:
     """Keep freed CPU memory in the heap instead of handing it back to the OS each step.
 
     glibc serves large blocks (a 64x32x32x32 activation is 8 MB) with mmap and returns
-    them on free, so every training step page-faults its activations in again: ~10,000
-    faults and ~16 ms of a 47 ms dense ``tr`` step on a 2-core CPU (torch 2.14). Raising
-    the mmap and trim thresholds to 1 GiB keeps them; the same step then takes 31 ms with no
-    faults. Returns whether it applied (glibc only; elsewhere a no-op).
+    them on free, so every training step page-faults its activations in again. Raising the
+    mmap and trim thresholds to 1 GiB keeps them (the README's performance notes give the
+    page faults and step times measured before and after). Returns whether it applied (glibc
+    only; elsewhere a no-op).
     """
     libc = _glibc()
     if libc is None:

@@ -1,33 +1,124 @@
-"""The one interface every method implements; the engine knows nothing method-specific.
+"""The one interface every method implements.
 
-A method is an ``nn.Module`` that declares four things:
+A method is an ``nn.Module`` that owns everything method-specific:
 
-1. ``__init__(backbone, num_tasks, config, seed)``: build its model from a backbone spec;
-2. ``schedule(steps_per_task, generator)``: which tasks each training step supervises;
-3. ``forward(x, tasks)``: per-task logits ``[batch, len(tasks)]`` for a batch and task ids;
-4. ``param_counts()``: trainable total, shared, task-specific (and routing's active units).
+- its **options** (``options_class``, a dataclass; :meth:`Method.resolve_options` checks them
+  and fills in defaults, and the resolved dict is stored in the run's configuration);
+- its **schedule**: which tasks each training step supervises (:data:`SCHEDULES`);
+- its **forward** (per-task logits) and **all-task prediction**;
+- its **training step** (:meth:`Method.train_step`: loss, backward, optimiser step; the
+  default applies the run's task weighting);
+- how its **FLOPs** are counted, its **parameter accounting** and what its result records.
 
-All tasks are binary; every method scores them with :class:`TaskHeads`, one linear head
-per task.
+The engine, the harness, ``bench`` and the results know none of these by name.
+
+All tasks are binary; the built-in methods score them with :class:`TaskHeads`, one linear
+head per task.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from mtlbench.backbones import BackboneSpec
+from mtlbench.config import make_config
+from mtlbench.errors import MtlbenchError
+from mtlbench.layers import frozen_buffers
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The equal training budget, in supervised batches per task.
+
+    ``per_epoch``: batches in one pass over the training images. ``epochs`` is set when the
+    budget was given in epochs (then ``batches_per_task = round(epochs * per_epoch)``).
+    """
+
+    batches_per_task: int
+    per_epoch: int
+    epochs: float | None = None
+
+
+# A schedule yields (tasks supervised by the step, index of the batch in the seeded stream).
+def _all(num_tasks: int, budget: Budget, generator: torch.Generator) -> Iterator[tuple[list[int], int]]:
+    """Every step supervises every task on batch k: each task sees batch k at step k."""
+    everything = list(range(num_tasks))
+    for k in range(budget.batches_per_task):
+        yield everything, k
+
+
+def _sample(num_tasks: int, budget: Budget, generator: torch.Generator) -> Iterator[tuple[list[int], int]]:
+    """Each step trains one random task, drawn without replacement from ``batches_per_task``
+    copies of every task: uniform at random each step, and every task gets exactly its
+    budget (i.i.d. draws give it only in expectation). A task's k-th step uses batch k."""
+    seen = [0] * num_tasks
+    pool = torch.arange(num_tasks).repeat(budget.batches_per_task)
+    for t in pool[torch.randperm(len(pool), generator=generator)].tolist():
+        yield [t], seen[t]
+        seen[t] += 1
+
+
+def _paper(num_tasks: int, budget: Budget, generator: torch.Generator) -> Iterator[tuple[list[int], int]]:
+    """The official code's loop: a fresh batch each step and a task drawn i.i.d. each step.
+
+    Budget: with ``--epochs E``, E passes over the data in all (E * per_epoch steps), so each
+    task sees about E/T of a pass; with ``--steps-per-task N``, T * N steps, N batches per task
+    in expectation."""
+    steps = round(budget.epochs * budget.per_epoch) if budget.epochs is not None \
+        else num_tasks * budget.batches_per_task
+    draws = torch.randint(num_tasks, (steps,), generator=generator).tolist()
+    for k, t in enumerate(draws):
+        yield [t], k
+
+
+def _round_robin(num_tasks: int, budget: Budget, generator: torch.Generator) -> Iterator[tuple[list[int], int]]:
+    """One task per step in turn (T networks of their own): every task at the same point of
+    its budget at any moment."""
+    for k in range(budget.batches_per_task):
+        for t in range(num_tasks):
+            yield [t], k
+
+
+@dataclass(frozen=True)
+class Schedule:
+    run: Callable[[int, Budget, torch.Generator], Iterator[tuple[list[int], int]]]
+    many_tasks_per_step: bool
+
+    def steps(self, num_tasks: int, budget: Budget) -> int:
+        if self.run is _all:
+            return budget.batches_per_task
+        if self.run is _paper and budget.epochs is not None:
+            return round(budget.epochs * budget.per_epoch)
+        return num_tasks * budget.batches_per_task
+
+
+SCHEDULES = {
+    "all": Schedule(_all, True),
+    "sample": Schedule(_sample, False),
+    "paper": Schedule(_paper, False),
+    "round-robin": Schedule(_round_robin, False),
+}
 
 
 @dataclass
-class MethodConfig:
-    """Options shared by every method; a method may subclass this with more."""
+class MethodOptions:
+    """Options every method has. ``schedule`` "" means the method's default."""
 
-    sigma: float = 1.0
-    schedule: str = "all"
+    schedule: str = ""
+
+
+@dataclass
+class WeightedOptions(MethodOptions):
+    """Options of a method whose schedule may supervise several tasks per step: the task
+    weighting (``--weighting``) and its own options (``-o weighting.KEY=VALUE``)."""
+
+    weighting: str = "ew"
+    weighting_options: dict = field(default_factory=dict)
 
 
 class TaskHeads(nn.Module):
@@ -53,29 +144,130 @@ class TaskHeads(nn.Module):
 
 
 class Method(nn.Module):
-    """Base class. Subclasses set ``config_class`` and ``schedules`` and implement forward."""
+    """Base class. Subclasses set ``options_class`` and ``schedules`` and implement
+    :meth:`forward` and :meth:`param_counts`; everything else has a default."""
 
-    config_class = MethodConfig
+    options_class: type = MethodOptions
     schedules: tuple[str, ...] = ("all",)  # the first is the default
-    uses_sigma = False                    # whether --sigma changes this method
-    fixed_sigma: float | None = None      # the sharing ratio it sits at, if it has one
+    # Options that choose between implementations tested to give the same numbers: they are
+    # part of a run's key (its timings differ) but not of its setting (see mtlbench.config).
+    implementation_options: tuple[str, ...] = ()
+    # Options shown in a run's label (``label``), e.g. ("sigma",).
+    label_options: tuple[str, ...] = ()
+    # Another method and options this one equals (separate = tr at sigma 0): reports mark it
+    # on that method's option axis.
+    same_as: tuple[str, dict] | None = None
+    name = ""  # set by the registry
 
-    def __init__(self, backbone: BackboneSpec, num_tasks: int, config: MethodConfig, seed: int = 0) -> None:
+    def __init__(self, backbone: BackboneSpec, num_tasks: int, options: MethodOptions, seed: int = 0) -> None:
         super().__init__()
         self.num_tasks = num_tasks
-        self.config = config
+        self.options = options
 
-    def schedule(self, steps_per_task: int, generator: torch.Generator) -> Iterator[list[int]]:
-        """Default ``all``: ``steps_per_task`` steps, each supervising every task."""
-        everything = list(range(self.num_tasks))
-        for _ in range(steps_per_task):
-            yield everything
+    # ----- options -------------------------------------------------------------------------
+    @classmethod
+    def resolve_options(cls, given: dict) -> dict:
+        """``given`` checked and completed with defaults, as the JSON dict a result records.
+
+        The schedule defaults to the method's first; a weighting is kept only where the
+        schedule supervises several tasks per step (``ew``, the plain sum, is then recorded).
+        """
+        what = f"method {cls.name!r}"
+        opts = make_config(cls.options_class, given, what)
+        opts.schedule = opts.schedule or cls.schedules[0]
+        if opts.schedule not in cls.schedules:
+            raise MtlbenchError(f"{what} supports schedule(s) {', '.join(cls.schedules)}, not {opts.schedule!r}")
+        if isinstance(opts, WeightedOptions):
+            from mtlbench.registry import WEIGHTINGS
+            if not SCHEDULES[opts.schedule].many_tasks_per_step:
+                if opts.weighting != "ew" or opts.weighting_options:
+                    raise MtlbenchError(
+                        f"--weighting {opts.weighting} needs a schedule that supervises several tasks per "
+                        f"step; {cls.name} runs {opts.schedule!r} (one task per step): add --schedule all")
+            else:
+                weighting = WEIGHTINGS.get(opts.weighting)
+                opts.weighting_options = weighting.resolve_options(opts.weighting_options)
+        cls.check_options(opts)
+        resolved = dataclasses.asdict(opts)
+        if isinstance(opts, WeightedOptions) and not SCHEDULES[opts.schedule].many_tasks_per_step:
+            del resolved["weighting"], resolved["weighting_options"]
+        return resolved
 
     @classmethod
-    def total_steps(cls, num_tasks: int, steps_per_task: int, schedule: str) -> int:
-        """Optimiser steps the schedule takes (for progress bars and budgets)."""
-        return steps_per_task
+    def check_options(cls, options: MethodOptions) -> None:
+        """Raise :class:`MtlbenchError` for a bad combination of options (values are typed)."""
 
+    @classmethod
+    def options_from(cls, resolved: dict) -> MethodOptions:
+        return make_config(cls.options_class, resolved, f"method {cls.name!r}")
+
+    @classmethod
+    def label(cls, options: dict) -> str:
+        """A short name for a run of this method with ``options`` (tables and figures)."""
+        parts = [f"{k}={options[k]:g}" if isinstance(options.get(k), float) else f"{k}={options.get(k)}"
+                 for k in cls.label_options if k in options]
+        weighting = options.get("weighting", "ew")
+        return " ".join([cls.name + (f"+{weighting}" if weighting != "ew" else ""), *parts])
+
+    # ----- training --------------------------------------------------------------------------
+    def schedule(self, budget: Budget, generator: torch.Generator) -> Iterator[tuple[list[int], int]]:
+        """(tasks, batch index) per training step."""
+        return SCHEDULES[self.options.schedule].run(self.num_tasks, budget, generator)
+
+    @classmethod
+    def total_steps(cls, num_tasks: int, budget: Budget, schedule: str) -> int:
+        """Optimiser steps the schedule takes (for progress, learning-rate schedules, evaluation)."""
+        return SCHEDULES[schedule].steps(num_tasks, budget)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, tasks: list[int], trainer) -> torch.Tensor:
+        """One optimiser step on images ``x`` and labels ``y [B, T]`` for ``tasks``; returns the
+        per-task losses (detached). ``trainer`` (:class:`mtlbench.engine.Trainer`) holds the
+        optimiser, precision, loss and the task weighting.
+        """
+        weighting = trainer.weighting
+        trainer.zero_grad()
+        rep = None
+        with trainer.autocast():
+            if weighting.uses_representation:
+                z, head = self.representation(x, tasks)
+                rep = (z, z.detach().requires_grad_())
+                logits = head(rep[1])
+            else:
+                logits = self(x, tasks)
+        losses = trainer.losses(logits, y, tasks)
+        weighting.backward(losses, self, trainer, rep)
+        trainer.step()
+        weighting.post_step()
+        if weighting.needs_losses_after_step:  # FAMO: the same batch, after the update
+            with torch.no_grad(), frozen_buffers(self), trainer.autocast():
+                weighting.after_step(trainer.losses(self(x, tasks), y, tasks).detach())
+        return losses.detach()
+
+    def make_weighting(self):
+        """The task weighting this method's training step applies (``ew`` unless its options
+        name another; one-task-per-step schedules always sum their single loss)."""
+        from mtlbench.registry import WEIGHTINGS
+        cls = WEIGHTINGS.get(getattr(self.options, "weighting", "ew"))
+        options = make_config(cls.options_class, getattr(self.options, "weighting_options", {}), f"weighting {cls.name!r}")
+        return cls(self.num_tasks, options)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters more than one task's loss reaches (gradient weightings act on these)."""
+        specific = {id(p) for p in self.task_parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in specific]
+
+    def task_parameters(self) -> list[nn.Parameter]:
+        """Parameters only one task's loss reaches (its head)."""
+        heads = getattr(self, "heads", None)
+        return [p for p in heads.parameters() if p.requires_grad] if heads is not None else []
+
+    def representation(self, x: torch.Tensor, tasks: list[int]) -> tuple[torch.Tensor, Callable]:
+        """Features shared by every task and a function from them to the tasks' logits, for
+        gradient weightings on the representation (``-o weighting.grads=rep``)."""
+        raise MtlbenchError(f"method {self.name!r} has no representation shared by all tasks; "
+                            "use -o weighting.grads=all")
+
+    # ----- model ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, tasks: list[int]) -> torch.Tensor:
         raise NotImplementedError
 
@@ -93,18 +285,18 @@ class Method(nn.Module):
         """Method-specific facts worth recording in a result (insertion points, etc.)."""
         return {}
 
+    def flop_device(self) -> str:
+        """Where :func:`mtlbench.engine.method_flops` may count this model's FLOPs: ``meta`` (no
+        compute) unless the method needs real values (gathered indices, say)."""
+        return "meta"
+
+    # ----- measurement -------------------------------------------------------------------------
+    @classmethod
+    def bench_figures(cls, bench) -> dict:
+        """Speed figures of this method's own implementations for ``mtlbench bench``
+        (:class:`mtlbench.bench.Bench` provides models, training steps and timing in turns)."""
+        return {}
+
 
 def count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def sample_schedule(num_tasks: int, steps_per_task: int, generator: torch.Generator) -> Iterator[list[int]]:
-    """The Task Routing paper's schedule: each step trains one randomly drawn task.
-
-    Drawn without replacement from ``steps_per_task`` copies of every task, so each step's
-    task is uniform at random and every task still gets exactly ``steps_per_task`` batches
-    (the equal budget), where i.i.d. draws would only give it in expectation.
-    """
-    pool = torch.arange(num_tasks).repeat(steps_per_task)
-    for t in pool[torch.randperm(len(pool), generator=generator)].tolist():
-        yield [t]

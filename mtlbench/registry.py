@@ -1,10 +1,15 @@
-"""Plugin registries for methods, datasets and backbones.
+"""Plugin registries for methods, task weightings, datasets and backbones.
 
 Built-in entries register themselves with ``@register("name")`` when their module is
-imported. Third-party packages add entries through the entry-point groups
-``mtlbench.methods``, ``mtlbench.datasets`` and ``mtlbench.backbones``; those are loaded
-lazily, the first time a registry is asked for a name or a listing, and a plugin that
-fails to import is a warning, never a crash.
+imported; every module of a built-in package (``mtlbench.methods``, ``mtlbench.weightings``,
+``mtlbench.datasets``) is found with ``pkgutil`` and imported, so a new file needs no edit
+anywhere else. Third-party packages add entries through the entry-point groups
+``mtlbench.methods``, ``mtlbench.weightings``, ``mtlbench.datasets`` and
+``mtlbench.backbones``; those are loaded lazily, the first time a registry is asked for a
+name or a listing, and a plugin that fails to import is a warning, never a crash.
+
+A registry may also hold roles: the method registered with ``reference=True`` is the one
+every Δm is measured against (``METHODS.reference``).
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import fnmatch
 import importlib
 import importlib.metadata
 import logging
+import pkgutil
 import warnings
 from typing import Any, Callable
 
@@ -24,8 +30,10 @@ log = logging.getLogger(__name__)
 class Registry:
     """A name -> object table with strict registration and helpful look-up errors."""
 
-    def __init__(self, kind: str, builtin_module: str, group: str) -> None:
+    def __init__(self, kind: str, builtin_module: str, group: str, names_entries: bool = False) -> None:
         self.kind = kind
+        self.names_entries = names_entries  # give registered classes a ``name`` attribute
+        self._reference: str | None = None
         self.builtin_module = builtin_module
         self.group = group
         self._entries: dict[str, Any] = {}
@@ -33,18 +41,32 @@ class Registry:
         self.plugin_errors: dict[str, str] = {}
         self._loaded = False
 
-    def register(self, name: str, description: str | None = None) -> Callable[[Any], Any]:
-        """Decorator: ``@METHODS.register("tr")``. Registering a name twice is an error."""
+    def register(self, name: str, description: str | None = None, reference: bool = False) -> Callable[[Any], Any]:
+        """Decorator: ``@METHODS.register("tr")``. Registering a name twice is an error.
+        ``reference=True`` makes the entry the registry's reference (one at most)."""
 
         def add(obj: Any) -> Any:
             if name in self._entries:
                 raise MtlbenchError(f"{self.kind} {name!r} is already registered "
                                     f"(by {_origin(self._entries[name])})")
+            if reference:
+                if self._reference is not None:
+                    raise MtlbenchError(f"{self.kind} {name!r} cannot be the reference: "
+                                        f"{self._reference!r} already is")
+                self._reference = name
             self._entries[name] = obj
             self._descriptions[name] = description or _first_line(obj.__doc__)
+            if self.names_entries and isinstance(obj, type):
+                obj.name = name
             return obj
 
         return add
+
+    @property
+    def reference(self) -> str | None:
+        """The entry registered with ``reference=True`` (for methods: the Δm reference)."""
+        self.load()
+        return self._reference
 
     def get(self, name: str) -> Any:
         self.load()
@@ -69,7 +91,14 @@ class Registry:
         if self._loaded:
             return
         self._loaded = True
-        importlib.import_module(self.builtin_module)
+        package = importlib.import_module(self.builtin_module)
+        for info in pkgutil.iter_modules(getattr(package, "__path__", []), prefix=f"{package.__name__}."):
+            try:
+                importlib.import_module(info.name)
+            except Exception as exc:  # one broken file must not take the others down
+                self.plugin_errors[info.name] = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"mtlbench: could not import built-in {self.kind} module {info.name}: {exc}",
+                              RuntimeWarning, stacklevel=2)
         for ep in importlib.metadata.entry_points(group=self.group):
             self._load_plugin(ep)
 
@@ -99,11 +128,13 @@ def _origin(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
-METHODS = Registry("method", "mtlbench.methods", "mtlbench.methods")
+METHODS = Registry("method", "mtlbench.methods", "mtlbench.methods", names_entries=True)
+WEIGHTINGS = Registry("weighting", "mtlbench.weightings", "mtlbench.weightings", names_entries=True)
 DATASETS = Registry("dataset", "mtlbench.datasets", "mtlbench.datasets")
 BACKBONES = Registry("backbone", "mtlbench.backbones", "mtlbench.backbones")
 
 register_method = METHODS.register
+register_weighting = WEIGHTINGS.register
 register_dataset = DATASETS.register
 register_backbone = BACKBONES.register
-REGISTRIES = {"methods": METHODS, "datasets": DATASETS, "backbones": BACKBONES}
+REGISTRIES = {"methods": METHODS, "weightings": WEIGHTINGS, "datasets": DATASETS, "backbones": BACKBONES}

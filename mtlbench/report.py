@@ -1,6 +1,8 @@
 """``mtlbench report``: tables and figures (PNG and SVG) and a README from a results folder."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -9,40 +11,44 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mtlbench import results  # noqa: E402
-from mtlbench.aggregate import aggregate, setting_label  # noqa: E402
+from mtlbench.aggregate import aggregate, option_value, select_val  # noqa: E402
 from mtlbench.errors import MtlbenchError  # noqa: E402
+from mtlbench.registry import METHODS  # noqa: E402
 
-METHOD_COLOURS = {"tr": "#1f77b4", "hard": "#d62728", "separate": "#2ca02c", "cross-stitch": "#9467bd",
-                  "stl": "#7f7f7f"}
-EXTRA_COLOURS = ["#ff7f0e", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
-TR_STYLES = ["-", "--", ":", "-."]
-FIGURES = ["accuracy_vs_tasks", "params_vs_tasks", "throughput_vs_tasks", "accuracy_vs_sigma",
-           "per_task_accuracy"]
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf"]  # matplotlib's tab10
+PALETTE_SALT = "7:"  # makes the five built-in methods land on five different colours
+STYLES = ["-", "--", ":", "-."]
+FIGURES = ["accuracy_vs_tasks", "params_vs_tasks", "throughput_vs_tasks", "accuracy_vs_option",
+           "per_task_accuracy", "learning_curves"]
+METRIC_NAMES = {"balanced_accuracy": "balanced accuracy", "accuracy": "accuracy", "auroc": "AUROC",
+                "ap": "average precision"}
 
 
 def colour(method: str) -> str:
-    if method not in METHOD_COLOURS:  # plugins: a stable colour of their own in every figure
-        METHOD_COLOURS[method] = EXTRA_COLOURS[len(METHOD_COLOURS) % len(EXTRA_COLOURS)]
-    return METHOD_COLOURS[method]
+    """A colour that depends on the method's name only: the same in every figure and report."""
+    digest = int(hashlib.sha256(f"{PALETTE_SALT}{method}".encode()).hexdigest(), 16)
+    return PALETTE[digest % len(PALETTE)]
 
 
 def _series(agg: pd.DataFrame):
-    """(label, method, rows sorted by tasks, line style) for each method/sigma series."""
-    sigmas = sorted(agg.loc[agg["method"] == "tr", "sigma"].dropna().unique())
+    """(label, method, rows sorted by tasks, line style) for each series with two or more T."""
+    styles: dict[str, int] = {}
     for label, rows in agg.groupby("label", sort=True):
         if rows["tasks"].nunique() < 2 and agg["tasks"].nunique() > 1:
-            continue  # a sigma probed at one T only: it belongs to the accuracy-vs-sigma figure
+            continue  # an option probed at one T only: it belongs to the accuracy-vs-option figure
         method = rows["method"].iloc[0]
-        style = TR_STYLES[sigmas.index(rows["sigma"].iloc[0]) % len(TR_STYLES)] if method == "tr" else "-"
-        yield label, method, rows.sort_values("tasks"), style
+        styles[method] = styles.get(method, -1) + 1
+        yield label, method, rows.sort_values("tasks"), STYLES[styles[method] % len(STYLES)]
 
 
 def _line(ax, rows, metric: str, label: str, method: str, style: str, scale: float = 1.0,
           band: bool = True) -> None:
-    """One series; ``band`` shades the 95% CI across seeds (accuracy only: the spread of
+    """One series; ``band`` shades the 95% CI across seeds (metrics only: the spread of
     timings and parameter counts across seeds is not a sampling interval worth drawing)."""
     x, y = rows["tasks"], rows[f"{metric}_mean"] * scale
     ax.plot(x, y, style, marker="o", ms=3, color=colour(method), label=label)
@@ -59,21 +65,21 @@ def _task_axis(ax, agg) -> None:
     ax.set_xlabel("number of tasks T")
 
 
-def fig_accuracy_vs_tasks(agg, runs):
+def fig_accuracy_vs_tasks(agg, runs, metric):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric, name in zip(axes, ["mean_accuracy", "mean_balanced_accuracy"],
-                                ["mean accuracy (%)", "mean balanced accuracy (%)"]):
+    second = "accuracy" if metric != "accuracy" else "balanced_accuracy"
+    for ax, m in zip(axes, [metric, second]):
         for label, method, rows, style in _series(agg):
-            _line(ax, rows, metric, label, method, style, 100)
-        ax.set(ylabel=name)
+            _line(ax, rows, f"mean_{m}", label, method, style, 100)
+        ax.set(ylabel=f"mean {METRIC_NAMES[m]} (%)")
         _task_axis(ax, agg)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Accuracy vs number of tasks (mean over seeds, 95% CI bands)")
+    fig.suptitle("Test score vs number of tasks (best-validation checkpoint; mean over seeds, 95% CI bands)")
     return fig
 
 
-def fig_params_vs_tasks(agg, runs):
+def fig_params_vs_tasks(agg, runs, metric):
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for label, method, rows, style in _series(agg):
         _line(ax, rows, "params_trainable", label, method, style, band=False)
@@ -85,13 +91,13 @@ def fig_params_vs_tasks(agg, runs):
     return fig
 
 
-def fig_throughput_vs_tasks(agg, runs):
+def fig_throughput_vs_tasks(agg, runs, metric):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric, name in zip(axes, ["train_pairs_per_s", "eval_images_per_s"],
-                                ["training throughput ((image, task) pairs / s)",
-                                 "inference throughput (images / s, all T tasks)"]):
+    for ax, m, name in zip(axes, ["train_pairs_per_s", "eval_images_per_s"],
+                           ["training throughput ((image, task) pairs / s)",
+                            "inference throughput (images / s, all T tasks)"]):
         for label, method, rows, style in _series(agg):
-            _line(ax, rows, metric, label, method, style, band=False)
+            _line(ax, rows, m, label, method, style, band=False)
         ax.set(yscale="log", ylabel=name)
         _task_axis(ax, agg)
         ax.grid(alpha=0.3, which="both")
@@ -100,52 +106,112 @@ def fig_throughput_vs_tasks(agg, runs):
     return fig
 
 
-def fig_accuracy_vs_sigma(agg, runs):
-    tr = agg[agg["method"] == "tr"]
-    if tr.empty:
+def swept_options(agg: pd.DataFrame) -> list[tuple[str, str]]:
+    """(method, option) pairs whose numeric value varies between settings of one T."""
+    found = []
+    for method, rows in agg.groupby("method"):
+        options = [json.loads(o) for o in rows["options"]]
+        for name in sorted({k for o in options for k, v in o.items() if isinstance(v, (int, float))
+                            and not isinstance(v, bool)}):
+            values = pd.Series([o.get(name) for o in options], index=rows.index)
+            if (values.groupby(rows["tasks"]).nunique() > 1).any():
+                found.append((method, name))
+    return found
+
+
+def fig_accuracy_vs_option(agg, runs, metric):
+    """The headline metric against each swept numeric method option (task routing's sigma),
+    with methods that equal that method at some value (``Method.same_as``) marked there."""
+    swept = swept_options(agg)
+    if not swept:
         return None
-    swept = tr.groupby("tasks")["sigma"].nunique()
-    if (swept > 1).any():  # only the T at which sigma was actually swept
-        tr = tr[tr["tasks"].isin(swept[swept > 1].index)]
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for i, (t, rows) in enumerate(tr.groupby("tasks")):
-        rows = rows.sort_values("sigma")
-        c = EXTRA_COLOURS[i % len(EXTRA_COLOURS)] if tr["tasks"].nunique() > 1 else colour("tr")
-        y, ci = rows["mean_balanced_accuracy_mean"] * 100, rows["mean_balanced_accuracy_ci95"].fillna(0) * 100
-        ax.errorbar(rows["sigma"], y, yerr=ci, fmt="-o", ms=3, color=c, capsize=2, label=f"tr, T={t}")
-        for method, x, marker in (("separate", 0.0, "s"), ("hard", 1.0, "D")):
-            end = agg[(agg["method"] == method) & (agg["tasks"] == t)]
-            if len(end):
-                ax.plot([x], end["mean_balanced_accuracy_mean"] * 100, marker, ms=8, mfc="none",
-                        color=colour(method), label=f"{method} (σ={x:g}), T={t}")
-    ax.set(xlabel="sharing ratio σ", ylabel="mean balanced accuracy (%)", xlim=(-0.05, 1.05),
-           title="Task routing: accuracy vs σ (separate = σ 0, hard = σ 1)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(swept), figsize=(6 * len(swept), 4.5), squeeze=False)
+    for ax, (method, name) in zip(axes[0], swept):
+        rows = agg[agg["method"] == method].copy()
+        rows["x"] = [option_value(o, name) for o in rows["options"]]
+        varied = rows.groupby("tasks")["x"].nunique()
+        rows = rows[rows["tasks"].isin(varied[varied > 1].index)]
+        for i, (t, group) in enumerate(rows.groupby("tasks")):
+            for j, (rest, line) in enumerate(group.groupby(group["label"].str.replace(r"σ=\S+|sigma=\S+", "",
+                                                                                         regex=True))):
+                line = line.sort_values("x")
+                y = line[f"mean_{metric}_mean"] * 100
+                ci = line[f"mean_{metric}_ci95"].fillna(0) * 100
+                c = PALETTE[(i + j) % len(PALETTE)] if group["tasks"].nunique() > 1 or i or j else colour(method)
+                ax.errorbar(line["x"], y, yerr=ci, fmt="-o", ms=3, color=c, capsize=2,
+                            label=f"{rest.strip() or method}, T={t}")
+            for other, cls in ((m, METHODS.get(m)) for m in agg["method"].unique() if m in METHODS):
+                if cls.same_as and cls.same_as[0] == method and name in cls.same_as[1]:
+                    end = agg[(agg["method"] == other) & (agg["tasks"] == t)]
+                    if len(end):
+                        ax.plot([cls.same_as[1][name]], end[f"mean_{metric}_mean"].iloc[:1] * 100, "D", ms=8,
+                                mfc="none", color=colour(other), label=f"{other} ({name}={cls.same_as[1][name]:g}), T={t}")
+        ax.set(xlabel=f"{method} option {name}", ylabel=f"mean {METRIC_NAMES[metric]} (%)",
+               title=f"{method}: test score vs {name}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     return fig
 
 
-def fig_per_task_accuracy(agg, runs):
-    """Per-task balanced accuracy of every series at the largest T most series reached."""
+def fig_per_task_accuracy(agg, runs, metric):
+    """Per-task scores of every series at the largest T most series reached."""
     ok = [r for r in runs if r.get("status") == "ok"]
     if not ok:
         return None
     counts = pd.Series([r["config"]["tasks"] for r in ok]).value_counts()
     t = max(counts[counts == counts.max()].index)
     groups: dict[str, list[float]] = {}
+    methods: dict[str, str] = {}
     for r in ok:
         if r["config"]["tasks"] == t:
-            label = setting_label(r["config"]["method"], r["config"]["sigma"])
-            groups.setdefault(label, []).extend(100 * v for v in r["metrics"]["balanced_accuracy"])
+            groups.setdefault(r["label"], []).extend(100 * v for v in r["metrics"][metric] if not _nan(v))
+            methods[r["label"]] = r["config"]["method"]
     labels = sorted(groups)
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 4.5))
-    box = ax.boxplot([groups[l] for l in labels], patch_artist=True)
+    box = ax.boxplot([groups[label] for label in labels], patch_artist=True)
     ax.set_xticks(range(1, len(labels) + 1), labels, rotation=20)
     for patch, label in zip(box["boxes"], labels):
-        patch.set(facecolor=colour(label.split(" ")[0]), alpha=0.5)
-    ax.set(ylabel="per-task balanced accuracy (%)", title=f"Distribution of per-task accuracy, T={t} (all seeds)")
+        patch.set(facecolor=colour(methods[label]), alpha=0.5)
+    ax.set(ylabel=f"per-task {METRIC_NAMES[metric]} (%)",
+           title=f"Distribution of per-task test {METRIC_NAMES[metric]}, T={t} (all seeds)")
     ax.grid(alpha=0.3, axis="y")
     return fig
+
+
+def fig_learning_curves(agg, runs, metric):
+    """Validation score against supervised (image, task) pairs seen, one line per series
+    (mean over seeds), at the largest T most series reached."""
+    ok = [r for r in runs if r.get("status") == "ok" and any("val" in p for p in r.get("train", {}).get("curve", []))]
+    if not ok:
+        return None
+    counts = pd.Series([r["config"]["tasks"] for r in ok]).value_counts()
+    t = max(counts[counts == counts.max()].index)
+    curves: dict[str, list] = {}
+    methods: dict[str, str] = {}
+    key = f"mean_{metric}"
+    for r in ok:
+        if r["config"]["tasks"] == t:
+            points = [(p["pairs"], p["val"].get(key)) for p in r["train"]["curve"] if "val" in p]
+            curves.setdefault(r["label"], []).append(points)
+            methods[r["label"]] = r["config"]["method"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles: dict[str, int] = {}
+    for label in sorted(curves):
+        length = min(len(c) for c in curves[label])
+        x = np.mean([[p[0] for p in c[:length]] for c in curves[label]], axis=0)
+        y = np.nanmean([[np.nan if p[1] is None else p[1] for p in c[:length]] for c in curves[label]], axis=0)
+        method = methods[label]
+        styles[method] = styles.get(method, -1) + 1
+        ax.plot(x, 100 * y, STYLES[styles[method] % len(STYLES)], marker="o", ms=3, color=colour(method), label=label)
+    ax.set(xscale="log", xlabel="supervised (image, task) pairs seen", ylabel=f"validation mean {METRIC_NAMES[metric]} (%)",
+           title=f"Learning curves, T={t} (mean over seeds)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _nan(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
 
 
 def _md_table(df: pd.DataFrame) -> str:
@@ -163,13 +229,21 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def summary_table(agg: pd.DataFrame) -> pd.DataFrame:
-    pm = lambda m, s=1.0: [f"{a * s:.2f} ± {b * s:.2f}" if not pd.isna(b) else ("–" if pd.isna(a) else f"{a * s:.2f}")  # noqa: E731
-                           for a, b in zip(agg[f"{m}_mean"], agg[f"{m}_ci95"])]
+def _pm(agg: pd.DataFrame, m: str, scale: float = 1.0) -> list[str]:
+    return [f"{a * scale:.2f} ± {b * scale:.2f}" if not pd.isna(b) else ("–" if pd.isna(a) else f"{a * scale:.2f}")
+            for a, b in zip(agg[f"{m}_mean"], agg[f"{m}_ci95"])]
+
+
+def summary_table(agg: pd.DataFrame, metric: str) -> pd.DataFrame:
+    other = "accuracy" if metric != "accuracy" else "balanced_accuracy"
     return pd.DataFrame({
         "T": agg["tasks"], "method": agg["label"], "seeds": agg["seeds"],
-        "acc %": pm("mean_accuracy", 100), "bal. acc %": pm("mean_balanced_accuracy", 100),
-        "Δm acc %": pm("delta_m_accuracy"), "params": agg["params_trainable_mean"],
+        f"{METRIC_NAMES[metric]} %": _pm(agg, f"mean_{metric}", 100),
+        f"Δm {METRIC_NAMES[metric]} %": _pm(agg, f"delta_m_{metric}"),
+        f"{METRIC_NAMES[other]} %": _pm(agg, f"mean_{other}", 100),
+        "AUROC %" if metric != "auroc" else "AP %": _pm(agg, "mean_auroc" if metric != "auroc" else "mean_ap", 100),
+        f"final ckpt {METRIC_NAMES[metric]} %": _pm(agg, f"final_mean_{metric}", 100),
+        "params": agg["params_trainable_mean"],
         "fwd MFLOP/img/task": agg["flops_forward_per_image_task_mean"] / 1e6,
         "train pairs/s": agg["train_pairs_per_s_mean"], "infer img/s": agg["eval_images_per_s_mean"],
         "peak MB": agg["peak_memory_mb_mean"], "wall s": agg["wall_seconds_mean"],
@@ -192,14 +266,33 @@ def growth_table(agg: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_report(results_dir: Path, out: Path, title: str | None = None, warn=print) -> list[Path]:
+def tuning_table(df: pd.DataFrame) -> pd.DataFrame:
+    """How many values each method was tuned over, and which it kept, per setting."""
+    rows = df.drop_duplicates("setting")[["label", "tasks", "tuned_over", "tuned_values", "chosen"]]
+    return rows.sort_values(["tasks", "label"], kind="stable").rename(
+        columns={"label": "method", "tasks": "T", "tuned_over": "values tried", "tuned_values": "tried",
+                 "chosen": "chosen on validation"})
+
+
+def write_report(results_dir: Path, out: Path, title: str | None = None, warn=print,
+                 metric: str = "balanced_accuracy", tune: list[str] | None = None) -> list[Path]:
     """Write tables, figures and README.md into ``out``; returns the files written."""
     runs = results.load_runs(Path(results_dir), warn=warn)
     if not runs:
         raise MtlbenchError(f"no run results in {str(results_dir)!r}")
+    if out.exists() and not out.is_dir():
+        raise MtlbenchError(f"--out {str(out)!r} exists and is not a folder")
     df = results.table(runs)
+    if tune:
+        chosen = select_val(df, tune)
+        runs = [r for r in runs if r["key"] in set(chosen["key"])]
+        df = results.table(runs, ignore=tuple(tune)).merge(
+            chosen[["key", "tuned_group", "tuned_over", "tuned_values", "chosen"]], on="key")
     agg = aggregate(df)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MtlbenchError(f"cannot write the report to {str(out)!r}: {exc.strerror or exc}") from None
     written = []
     for name, frame in (("runs", df), ("aggregate", agg)):
         frame.to_csv(out / f"{name}.csv", index=False)
@@ -207,7 +300,7 @@ def write_report(results_dir: Path, out: Path, title: str | None = None, warn=pr
         written += [out / f"{name}.csv", out / f"{name}.parquet"]
     figures = []
     for name in FIGURES:
-        fig = globals()[f"fig_{name}"](agg, runs)
+        fig = globals()[f"fig_{name}"](agg, runs, metric)
         if fig is None:
             continue
         fig.tight_layout()
@@ -216,15 +309,19 @@ def write_report(results_dir: Path, out: Path, title: str | None = None, warn=pr
             written.append(out / f"{name}.{ext}")
         plt.close(fig)
         figures.append(name)
-    (out / "README.md").write_text(_readme(title or out.name, runs, df, agg, figures))
+    (out / "README.md").write_text(_readme(title or out.name, runs, df, agg, figures, metric, tune))
     return written + [out / "README.md"]
 
 
-def _readme(title: str, runs: list[dict], df: pd.DataFrame, agg: pd.DataFrame, figures: list[str]) -> str:
+def _readme(title: str, runs: list[dict], df: pd.DataFrame, agg: pd.DataFrame, figures: list[str],
+            metric: str, tune: list[str] | None) -> str:
     env = runs[0].get("environment", {})
     commands = sorted({r.get("command") or "(not recorded)" for r in runs})
     commits = sorted({str(r.get("environment", {}).get("git_commit")) for r in runs})
     status = df["status"].value_counts().to_dict()
+    budgets = sorted({json.dumps({k: r["train"]["budget"][k] for k in ("epochs", "batches_per_task", "given_as")})
+                      for r in runs if r.get("status") == "ok"})
+    ref = METHODS.reference
     lines = [f"# {title}", "", "## How it was produced", "", "```"] + commands + ["```", "",
              f"- commit(s): {', '.join(commits)}",
              f"- machine: {env.get('cpu')}, {env.get('cpu_count')} CPUs, {env.get('threads')} torch threads, "
@@ -232,15 +329,25 @@ def _readme(title: str, runs: list[dict], df: pd.DataFrame, agg: pd.DataFrame, f
              "- packages: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()),
              f"- runs: {len(df)} ({', '.join(f'{v} {k}' for k, v in status.items())}); "
              f"total run time {df['wall_seconds'].sum() / 60:.1f} min",
-             "", "Numbers are the mean over seeds ± the half-width of the 95% t-interval.", "",
-             "## Results", "", _md_table(summary_table(agg)), "",
-             "## How cost grows with the number of tasks", "",
-             "Ratios of the largest-T to the smallest-T value of each series (1.00 = flat).", "",
-             _md_table(growth_table(agg)), ""]
+             "- budget per task: " + "; ".join(budgets),
+             "",
+             f"**Headline metric: mean {METRIC_NAMES[metric]}** over the tasks, on the test split, of the checkpoint "
+             "with the best mean validation balanced accuracy (the final checkpoint's score is in its own column). "
+             f"Δm is taken on the same metric against `{ref}` in the same setting. Numbers are the mean over seeds "
+             "± the half-width of the 95% t-interval.", ""]
+    if tune:
+        lines += ["## Tuning", "",
+                  f"Selected on validation over {', '.join(f'`{t}`' for t in tune)}: per method and setting, the "
+                  "values with the best mean validation score were kept and their test scores reported. Every "
+                  "method was tuned over the values below; the test split took no part in the choice.", "",
+                  _md_table(tuning_table(df)), ""]
+    lines += ["## Results", "", _md_table(summary_table(agg, metric)), "",
+              "## How cost grows with the number of tasks", "",
+              "Ratios of the largest-T to the smallest-T value of each series (1.00 = flat).", "",
+              _md_table(growth_table(agg)), ""]
     skipped = df[df["status"] != "ok"]
     if len(skipped):
-        lines += ["## Skipped or failed runs", "", _md_table(skipped[["method", "tasks", "sigma", "seed",
-                                                                      "status", "reason"]]), ""]
+        lines += ["## Skipped or failed runs", "", _md_table(skipped[["label", "tasks", "seed", "status", "reason"]]), ""]
     lines += ["## Figures", ""] + [f"![{f}]({f}.png)\n" for f in figures]
     lines += ["Tables: `runs.csv` (one row per run) and `aggregate.csv` (per setting), also as Parquet."]
     return "\n".join(lines) + "\n"

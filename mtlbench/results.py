@@ -10,31 +10,36 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import tempfile
+import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from mtlbench.config import reference_key, setting, setting_key
 from mtlbench.errors import MtlbenchError
+from mtlbench.registry import METHODS
 
-SCHEMA = "mtlbench.run/1"
+SCHEMA = "mtlbench.run/2"  # run/1 files (before the training protocol and setting identity) are skipped
+
+DELTA_M_METRICS = ("accuracy", "balanced_accuracy", "auroc", "ap")
+HEADLINE = "balanced_accuracy"  # the metric reports lead with (one-vs-rest tasks are imbalanced)
 
 COLUMNS = [
-    "key", "status", "method", "dataset", "backbone", "tasks", "sigma", "schedule", "seed",
-    "steps_per_task", "batch_size", "lr", "mean_accuracy", "mean_balanced_accuracy",
-    "delta_m_accuracy", "delta_m_balanced_accuracy", "params_trainable", "params_shared",
-    "params_task_specific", "flops_forward_per_image_task", "flops_train_per_pair",
-    "train_seconds", "train_pairs_per_s", "eval_images_per_s", "peak_memory_mb",
-    "wall_seconds", "device", "precision", "threads", "reason",
+    "key", "setting", "reference", "status", "method", "label", "options", "dataset", "backbone", "tasks",
+    "seed", "epochs", "steps_per_task", "batch_size", "lr", "lr_schedule", "pos_weight", "val_fraction",
+    "mean_accuracy", "mean_balanced_accuracy", "mean_auroc", "mean_ap",
+    "final_mean_accuracy", "final_mean_balanced_accuracy", "final_mean_auroc", "final_mean_ap",
+    "val_mean_balanced_accuracy", "best_step", "steps", "stopped_early",
+    "delta_m_accuracy", "delta_m_balanced_accuracy", "delta_m_auroc", "delta_m_ap",
+    "params_trainable", "params_shared", "params_task_specific", "flops_forward_per_image_task",
+    "flops_train_per_pair", "train_seconds", "train_pairs_per_s", "eval_images_per_s", "peak_memory_mb",
+    "wall_seconds", "device", "precision", "threads", "reason", "setting_config",
 ]
-
-# Runs are compared with stl only when everything but the method (and sigma) matches.
-MATCH_KEYS = ["dataset", "dataset_options", "backbone", "backbone_options", "tasks", "seed",
-              "steps_per_task", "batch_size", "lr", "optimizer", "precision"]
-
 
 @functools.lru_cache(maxsize=1)
 def environment() -> dict:
@@ -76,8 +81,10 @@ def _git_commit() -> str | None:
 
 def run_filename(result: dict) -> str:
     c = result["config"]
-    sigma = "na" if c["sigma"] is None else f"{c['sigma']:g}"
-    return f"{c['method']}_T{c['tasks']}_sigma{sigma}_seed{c['seed']}_{result['key']}.json"
+    label = "".join(ch if ch.isascii() else unicodedata.name(ch, "_").split()[-1].lower()
+                    for ch in result.get("label") or c["method"])
+    label = re.sub(r"[^A-Za-z0-9.=+-]+", "_", label).strip("_")
+    return f"{label}_T{c['tasks']}_seed{c['seed']}_{result['key']}.json"
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -119,69 +126,101 @@ def load_runs(folder: Path, warn=print) -> list[dict]:
     return runs
 
 
+REQUIRED_CONFIG = ("method", "method_options", "tasks", "dataset", "seed")
+
+
 def read_run(path: Path, warn=lambda msg: None) -> dict | None:
-    """A run file's content, or None (with a warning) for a corrupt or foreign file."""
+    """A run file's content, or None (with a warning) for a corrupt, foreign or older file."""
     try:
         obj = json.loads(Path(path).read_text())
-        if not isinstance(obj, dict) or obj.get("schema") != SCHEMA or "config" not in obj or "key" not in obj:
+        if not isinstance(obj, dict) or not str(obj.get("schema", "")).startswith("mtlbench.run/"):
             raise ValueError("not an mtlbench run file")
+        if obj["schema"] != SCHEMA:
+            raise ValueError(f"written by another mtlbench version ({obj['schema']}, this one reads {SCHEMA}); "
+                             "rerun its command to get a comparable result")
+        config = obj.get("config")
+        if not isinstance(obj.get("key"), str) or not isinstance(config, dict) or \
+                any(k not in config for k in REQUIRED_CONFIG) or obj.get("status") not in ("ok", "failed", "skipped"):
+            raise ValueError("an mtlbench run file with missing fields")
+        if obj["status"] == "ok" and not isinstance(obj.get("metrics"), dict):
+            raise ValueError("a finished run file without metrics")
         return obj
-    except (ValueError, OSError, UnicodeDecodeError) as exc:
+    except (ValueError, OSError, UnicodeDecodeError, KeyError, TypeError) as exc:
         warn(f"mtlbench: skipping {Path(path).name}: {exc}")
         return None
 
 
 def _row(run: dict) -> dict:
-    c, m = run["config"], run.get("metrics", {})
+    c = run["config"]
+    m, fin, val = run.get("metrics", {}), run.get("metrics_final", {}), run.get("train", {}).get("selection") or {}
     p, tr, ev = run.get("params", {}), run.get("train", {}), run.get("eval", {})
     env, fl, mem = run.get("environment", {}), run.get("flops", {}), run.get("memory", {})
-    return {"key": run["key"], "status": run.get("status", "ok"), **{k: c.get(k) for k in (
-        "method", "dataset", "backbone", "tasks", "sigma", "schedule", "seed", "steps_per_task",
-        "batch_size", "lr")},
-        "mean_accuracy": m.get("mean_accuracy"), "mean_balanced_accuracy": m.get("mean_balanced_accuracy"),
-        "params_trainable": p.get("trainable"), "params_shared": p.get("shared"),
-        "params_task_specific": p.get("task_specific"),
-        "flops_forward_per_image_task": fl.get("forward_per_image_task"),
-        "flops_train_per_pair": fl.get("train_per_pair"), "train_seconds": tr.get("seconds"),
-        "peak_memory_mb": mem["peak_bytes"] / 2**20 if mem.get("peak_bytes") else None,
-        "train_pairs_per_s": tr.get("pairs_per_s"), "eval_images_per_s": ev.get("images_per_s"),
-        "wall_seconds": run.get("wall_seconds"), "device": c.get("device"),
-        "precision": c.get("precision", "fp32"),
-        "threads": env.get("threads"), "reason": run.get("reason")}
+    return {"key": run["key"], "setting": setting_key(c), "reference": reference_key(c),
+            "status": run.get("status", "ok"), "label": run.get("label") or c.get("method"),
+            "options": json.dumps(c.get("method_options", {}), sort_keys=True),
+            **{k: c.get(k) for k in ("method", "dataset", "backbone", "tasks", "seed", "epochs", "steps_per_task",
+                                     "batch_size", "lr", "lr_schedule", "pos_weight", "val_fraction")},
+            **{f"mean_{k}": m.get(f"mean_{k}") for k in DELTA_M_METRICS},
+            **{f"final_mean_{k}": fin.get(f"mean_{k}") for k in DELTA_M_METRICS},
+            "val_mean_balanced_accuracy": val.get("best_value"), "best_step": val.get("best_step"),
+            "steps": tr.get("steps"), "stopped_early": bool(tr.get("stopped_early")) if tr else None,
+            "params_trainable": p.get("trainable"), "params_shared": p.get("shared"),
+            "params_task_specific": p.get("task_specific"),
+            "flops_forward_per_image_task": fl.get("forward_per_image_task"),
+            "flops_train_per_pair": fl.get("train_per_pair"), "train_seconds": tr.get("seconds"),
+            "peak_memory_mb": mem["peak_bytes"] / 2**20 if mem.get("peak_bytes") else None,
+            "train_pairs_per_s": tr.get("pairs_per_s") or _probe_rate(run),
+            "eval_images_per_s": ev.get("images_per_s"),
+            "wall_seconds": run.get("wall_seconds"), "device": c.get("device"), "precision": c.get("precision"),
+            "threads": env.get("threads"), "reason": run.get("reason"),
+            "setting_config": json.dumps(setting(c), sort_keys=True)}
 
 
-def match_key(config: dict) -> str:
-    return json.dumps({k: config.get(k) for k in MATCH_KEYS}, sort_keys=True)
+def _probe_rate(run: dict) -> float | None:
+    """Pairs per second of a run skipped on its time budget, from its probe steps."""
+    probe, c = run.get("probe") or {}, run["config"]
+    if not probe.get("probe_step_seconds"):
+        return None
+    schedule = c.get("method_options", {}).get("schedule", "")
+    from mtlbench.method import SCHEDULES
+    tasks = c["tasks"] if schedule in SCHEDULES and SCHEDULES[schedule].many_tasks_per_step else 1
+    return c["batch_size"] * tasks / probe["probe_step_seconds"]
 
 
 def delta_m(values: list[float], reference: list[float]) -> float:
-    """Mean over tasks of 100 * (m - m_stl) / m_stl; positive is better."""
+    """Mean over tasks of 100 * (m - m_ref) / m_ref; positive is better (tasks where the metric
+    is undefined, e.g. AUROC without positives, are left out)."""
     v, r = np.asarray(values, float), np.asarray(reference, float)
-    return float(np.mean(100.0 * (v - r) / r))
+    rel = 100.0 * (v - r) / r
+    return float(np.nanmean(rel)) if np.isfinite(rel).any() else math.nan
 
 
-def add_delta_m(runs: list[dict]) -> None:
-    """Fill ``delta_m`` in each ok run from the stl run with the same data, T, seed and budget."""
-    stl = {match_key(r["config"]): r["metrics"] for r in runs
-           if r["config"]["method"] == "stl" and r.get("status") == "ok"}
+def add_delta_m(runs: list[dict], ignore: tuple[str, ...] = ()) -> None:
+    """Fill ``delta_m`` (every metric of :data:`DELTA_M_METRICS`) in each ok run against the
+    registry's reference method run in the same setting (``mtlbench.config.reference_key``;
+    options in ``ignore`` were tuned on validation and may differ)."""
+    ref_method = METHODS.reference
+    ignore = tuple(n for n in ignore if not n.startswith("method."))
+    refs = {reference_key(r["config"], ignore): r["metrics"] for r in runs
+            if r["config"]["method"] == ref_method and r.get("status") == "ok"}
     for r in runs:
-        ref = stl.get(match_key(r["config"]))
+        ref = refs.get(reference_key(r["config"], ignore))
         ok = ref is not None and r.get("status") == "ok"
-        r["delta_m"] = {name: delta_m(r["metrics"][name], ref[name]) if ok else None
-                        for name in ("accuracy", "balanced_accuracy")}
+        r["delta_m"] = {name: delta_m(r["metrics"][name], ref[name]) if ok and name in ref and name in r["metrics"]
+                        else None for name in DELTA_M_METRICS}
 
 
-def table(runs: list[dict]) -> pd.DataFrame:
-    """One row per run, with exactly :data:`COLUMNS`."""
-    add_delta_m(runs)
+def table(runs: list[dict], ignore: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per run, with exactly :data:`COLUMNS` (``ignore``: see :func:`add_delta_m`)."""
+    add_delta_m(runs, ignore)
     rows = []
     for run in runs:
         row = _row(run)
-        row["delta_m_accuracy"] = run["delta_m"]["accuracy"]
-        row["delta_m_balanced_accuracy"] = run["delta_m"]["balanced_accuracy"]
+        for name in DELTA_M_METRICS:
+            row[f"delta_m_{name}"] = run["delta_m"][name]
         rows.append(row)
     df = pd.DataFrame(rows, columns=COLUMNS)
-    return df.sort_values(["dataset", "tasks", "method", "sigma", "seed"], na_position="first",
+    return df.sort_values(["dataset", "tasks", "label", "seed"], na_position="first",
                           kind="stable").reset_index(drop=True)
 
 
@@ -200,16 +239,18 @@ def summary(df: pd.DataFrame) -> str:
     lines = []
     for _, r in df.iterrows():
         if r["status"] != "ok":
-            lines.append([r["method"], fmt(r["sigma"], ".2f"), str(r["tasks"]), str(r["seed"]),
-                          r["status"], "", "", "", "", "", "", str(r["reason"])[:60]])
+            lines.append([r["label"], str(r["tasks"]), str(r["seed"]), r["status"], "", "", "", "", "", "", "",
+                          str(r["reason"])[:60]])
             continue
-        lines.append([r["method"], fmt(r["sigma"], ".2f"), str(r["tasks"]), str(r["seed"]),
+        lines.append([r["label"], str(r["tasks"]), str(r["seed"]),
                       fmt(100 * r["mean_accuracy"], ".2f"), fmt(100 * r["mean_balanced_accuracy"], ".2f"),
-                      fmt(r["delta_m_accuracy"], "+.2f"), fmt(r["delta_m_balanced_accuracy"], "+.2f"),
+                      fmt(100 * r["mean_auroc"], ".2f"), fmt(r["delta_m_balanced_accuracy"], "+.2f"),
                       f"{int(r['params_trainable']):,}", fmt(r["train_seconds"], ".1f"),
-                      fmt(r["train_pairs_per_s"], ",.0f"), ""])
-    head = ["method", "sigma", "tasks", "seed", "acc%", "bal_acc%", "dm_acc%", "dm_bal%",
-            "params", "train_s", "pairs/s", "note"]
+                      fmt(r["train_pairs_per_s"], ",.0f"), str(int(r["best_step"])) + "/" + str(int(r["steps"]))
+                      if not pd.isna(r["best_step"]) else "final",
+                      "stopped early" if r["stopped_early"] else ""])
+    head = ["method", "tasks", "seed", "acc%", "bal_acc%", "auroc%", "dm_bal%", "params", "train_s", "pairs/s",
+            "best_step", "note"]
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
     render = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()  # noqa: E731
     return "\n".join([render(head)] + [render(l) for l in lines])

@@ -9,30 +9,37 @@ import pytest
 from mtlbench.cli import main
 from mtlbench.measure import median_ratio, time_turns
 
-from conftest import TINY_ARGS
+from helpers import TINY_ARGS
 
 
+def _flatten(prefix, value):
+    if isinstance(value, dict):
+        return [item for k, v in value.items() for item in _flatten(f"{prefix}.{k}", v)]
+    return [(prefix, value)]
+
+
+@pytest.mark.slow
 def test_bench_quick_json_has_every_key(capsys):
     assert main(["bench", "--quick", "--json"]) == 0
     figures = json.loads(capsys.readouterr().out)
-    flat = {
-        "ceiling_gflops": figures["ceiling_gflops"],
-        "train_gflops": figures["train_gflops"],
-        "train_fraction_of_ceiling": figures["train_fraction_of_ceiling"],
-        "tr_compact_speedup.0.5": figures["tr_compact_speedup"]["0.5"],
-        "tr_compact_speedup.0.25": figures["tr_compact_speedup"]["0.25"],
-        "tr_all_task_inference_speedup": figures["tr_all_task_inference_speedup"],
-        "tr_compact_over_plain_network": figures["tr_compact_over_plain_network"],
-        "data_fraction_of_step": figures["data_fraction_of_step"],
-        **{f"cross_stitch.{k}": v for k, v in figures["cross_stitch_step_s_per_task"].items()},
-        **{f"inference.{k}": v for k, v in figures["tr_all_task_inference_by_mode"].items()},
-        **{f"columns.{k}": v for k, v in figures["columns_grouped_speedup"].items()},
-    }
-    assert set(figures["tr_all_task_inference_by_mode"]) == {"loop", "grouped"}
-    assert set(figures["columns_grouped_speedup"]) == {"cross_stitch_step_T2", "stl_all_task_inference_T2"}
-    assert len(figures["cross_stitch_step_s_per_task"]) == 2
+    methods = figures["methods"]
+    assert set(methods) == {"tr", "stl", "cross-stitch"}  # the methods with figures of their own
+    assert set(methods["tr"]["compact_speedup"]) == {"0.5", "0.25", "0.75"}
+    assert set(methods["tr"]["all_task_inference_by_mode"]) == {"loop", "grouped"}
+    assert set(methods["cross-stitch"]["columns_grouped_speedup"]) == {"cross_stitch_step_T2"}
+    assert set(methods["stl"]["columns_grouped_speedup"]) == {"stl_all_task_inference_T2"}
+    from mtlbench.registry import WEIGHTINGS
+    for tasks in ("T2", "T4"):
+        assert set(figures["weighting_step_s"][tasks]) == set(WEIGHTINGS.names())
+        assert figures["weighting_step_s"][tasks]["ew"]["over_ew"] > 0
+    flat = dict(_flatten("methods", methods) + _flatten("weighting_step_s", figures["weighting_step_s"]))
+    flat.update({k: figures[k] for k in ("ceiling_gflops", "train_gflops", "train_fraction_of_ceiling",
+                                          "data_fraction_of_step")})
     for name, value in flat.items():
         assert isinstance(value, float) and math.isfinite(value) and value > 0, name
+    # the ceiling is the best candidate, and the training step's fraction of it is the smallest
+    assert figures["ceiling_gflops"] == max(figures["ceiling_candidates_gflops"].values())
+    assert len(figures["ceiling_candidates_gflops"]) >= 3
     assert figures["setting"]["threads"] >= 1
 
 
@@ -50,7 +57,7 @@ def test_tr_impl_is_recorded(tmp_path, capsys):
                  *TINY_ARGS]) == 0
     (path,) = (tmp_path / "runs").glob("*.json")
     run = json.loads(path.read_text())
-    assert run["method_details"]["impl"] == "compact" and run["config"]["tr_impl"] == "compact"
+    assert run["method_details"]["impl"] == "compact" and run["config"]["method_options"]["impl"] == "compact"
 
 
 def test_turns_alternate_the_calls_and_ratios_pair_them():

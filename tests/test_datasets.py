@@ -47,11 +47,11 @@ def test_idx_datasets(tmp_path, name, folder, gz):
 
 def test_idx_lowercase_layout_and_only_test_files_with_holdout(tmp_path):
     fakedata.write_idx(tmp_path / "mnist" / "raw", "t10k", list(range(10)) * 4, gz=True)
-    cfg = RunConfig(dataset="mnist", tasks=10, holdout=0.25, holdout_split="test")
-    train, test = load_data(cfg, str(tmp_path))
-    assert len(train) == 30 and len(test) == 10
-    again, _ = load_data(cfg, str(tmp_path))
-    assert torch.equal(train.images, again.images)  # the carve is seeded
+    cfg = RunConfig(dataset="mnist", tasks=10, holdout=0.25, holdout_split="test", val_fraction=0.0)
+    data = load_data(cfg, str(tmp_path))
+    assert len(data.train) == 30 and len(data.test) == 10 and data.val is None
+    again = load_data(cfg, str(tmp_path))
+    assert torch.equal(data.train.images, again.train.images)  # the carve is seeded
     assert not (tmp_path / "mnist" / "raw" / "t10k-images-idx3-ubyte").exists()  # data folder untouched
 
 
@@ -199,12 +199,21 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 @pytest.mark.skipif(not (SHARED / "mnist" / "raw" / "t10k-images-idx3-ubyte.gz").exists(),
                     reason="the shared real MNIST test split is not present")
-@pytest.mark.parametrize("method,sigma,schedule", [("hard", 1.0, "all"), ("tr", 0.5, "sample")])
-def test_real_mnist_hard_and_tr_beat_chance(method, sigma, schedule):
-    cfg = RunConfig(method=method, sigma=sigma, schedule=schedule, dataset="mnist", tasks=10, holdout=0.3,
-                    holdout_split="test", steps_per_task=40, batch_size=64, lr=3e-3,
-                    dataset_options={"image_size": 0, "channels": 0, "only_task_classes": False, "verify": True})
-    train, test = load_data(cfg, str(SHARED))
-    assert len(train) == 7000 and len(test) == 3000
-    metrics = execute(cfg, train, test)["metrics"]
-    assert metrics["mean_balanced_accuracy"] > 0.65, metrics  # chance is 0.5
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["hard", "tr"])
+def test_real_mnist_at_the_default_budget(method):
+    """hard and tr (sigma 0.5) at mnist's default budget and protocol; a small CNN tells one digit
+    from the rest at 97% or better (the README has the measured figures)."""
+    from mtlbench.engine import resolve_budget
+    from mtlbench.registry import DATASETS
+    from helpers import with_method
+    mnist = DATASETS.get("mnist")
+    cfg = resolve_budget(with_method(RunConfig(dataset="mnist", tasks=10, holdout=0.3, holdout_split="test",
+                                               pos_weight=mnist.default_pos_weight,
+                                               dataset_options={"image_size": 0, "channels": 0,
+                                                                "only_task_classes": False, "verify": True}), method))
+    assert cfg.epochs == mnist.default_budget["epochs"]
+    data = load_data(cfg, str(SHARED))
+    assert len(data.train) + len(data.val) == 7000 and len(data.test) == 3000
+    metrics = execute(cfg, data)["metrics"]
+    assert metrics["mean_balanced_accuracy"] > 0.95, metrics  # chance is 0.5

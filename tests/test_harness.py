@@ -19,13 +19,14 @@ from mtlbench.config import RunConfig
 from mtlbench.engine import method_flops
 from mtlbench.measure import count_flops
 
-from conftest import TINY_ARGS
+from helpers import TINY_ARGS
 
 
 def json_files(folder):
     return sorted((folder / "runs").glob("*.json"))
 
 
+@pytest.mark.slow
 def test_sigkill_mid_sweep_then_resume(tmp_path):
     args = ["run", "--methods", "hard,tr,stl", "--tasks", "2,3", "--out", str(tmp_path), *TINY_ARGS]
     args[args.index("--steps-per-task") + 1] = "15"
@@ -93,39 +94,39 @@ def test_corrupt_and_foreign_files_are_reported_skipped_and_kept(tmp_path, capsy
 
 
 def test_flops_of_a_known_network_equal_hand_counts():
+    from helpers import with_method
     # convnet with one block of 4 channels on 3x8x8 images: conv3x3 (no bias), pad 1.
     conv = 2 * 8 * 8 * 4 * 3 * 9  # 2 FLOPs per multiply-add, every output pixel and channel
-    cfg = RunConfig(method="hard", sigma=1.0, schedule="all", tasks=2, backbone_options={"widths": (4,)})
+    cfg = with_method(RunConfig(tasks=2, backbone_options={"widths": (4,)}), "hard")
     f = method_flops(cfg, (3, 8, 8))
     assert f["forward_per_image_task"] == conv / 2  # one shared pass serves both tasks
     # backward: the weight gradient costs as much as the forward; the first layer needs no
     # input gradient. Per (image, task) pair with both tasks in every step: 2 * conv / 2.
     assert f["train_per_pair"] == 2 * conv / 2
-    tr_cfg = RunConfig(method="tr", sigma=0.5, schedule="sample", tasks=2, backbone_options={"widths": (4,)})
-    dense = method_flops(dataclasses.replace(tr_cfg, tr_impl="dense", method_options={"inference": "dense"}),
-                         (3, 8, 8))
+    tr_cfg = RunConfig(tasks=2, backbone_options={"widths": (4,)})
+    dense = method_flops(with_method(tr_cfg, "tr", impl="dense", inference="dense"), (3, 8, 8))
     assert dense["forward_per_image_task"] == conv  # one full masked pass per task
     # All-task inference (default): the first conv is computed once for all tasks; each
     # task's second conv reads every first-layer channel (zero weights on those it drops).
-    two = RunConfig(method="tr", sigma=0.0, schedule="sample", tasks=2, backbone_options={"widths": (4, 8)})
+    two = with_method(RunConfig(tasks=2, backbone_options={"widths": (4, 8)}), "tr", sigma=0.0)
     first, second = 2 * 8 * 8 * 4 * 3 * 9, 2 * 4 * 4 * 4 * 4 * 9  # 8x8 -> pool -> 4x4; 4 of 8 kept
     assert method_flops(two, (3, 8, 8))["forward_per_image_task"] == (first + 2 * second) / 2
     # Compact: each task's pass computes only its kept channels. At sigma 0 with 2 tasks and
     # 16 channels each task keeps exactly 8 (a multiple of the padding unit, so no padding).
-    sep = RunConfig(method="tr", sigma=0.0, schedule="sample", tasks=2, backbone_options={"widths": (16,)},
-                    tr_impl="compact")
+    sep = with_method(RunConfig(tasks=2, backbone_options={"widths": (16,)}), "tr", sigma=0.0, impl="compact")
     assert method_flops(sep, (3, 8, 8))["forward_per_image_task"] == 2 * 8 * 8 * 8 * 3 * 9
     assert count_flops(lambda: torch.nn.Linear(10, 5)(torch.randn(7, 10))) == 2 * 7 * 10 * 5
 
 
 def test_parameter_counts_of_a_known_network():
     from mtlbench.engine import build_method
-    cfg = RunConfig(method="hard", sigma=1.0, schedule="all", tasks=3, backbone_options={"widths": (4, 6)})
+    from helpers import with_method
+    cfg = with_method(RunConfig(tasks=3, backbone_options={"widths": (4, 6)}), "hard")
     p = build_method(cfg, 3).param_counts()
     backbone = 3 * 4 * 9 + 2 * 4 + 4 * 6 * 9 + 2 * 6  # conv weights (no bias) + BN scale and shift
     assert p["shared"] == backbone and p["task_specific"] == 3 * (6 + 1)
-    cs = build_method(RunConfig(method="cross-stitch", sigma=None, schedule="all", tasks=3,
-                                backbone_options={"widths": (4, 6)}), 3).param_counts()
+    cs = build_method(with_method(RunConfig(tasks=3, backbone_options={"widths": (4, 6)}), "cross-stitch"),
+                      3).param_counts()
     assert cs["trainable"] == 3 * backbone + 9 * (4 + 6) + 3 * (6 + 1)
 
 
@@ -136,6 +137,7 @@ def test_confidence_interval_on_a_known_sample():
     assert ci95([2.0, 2.0, 2.0, 2.0]) == 0.0
 
 
+@pytest.mark.slow
 def test_report_writes_every_figure_and_table(tmp_path, capsys):
     res = tmp_path / "res"
     assert main(["run", "--methods", "tr,hard,separate,stl", "--tasks", "2,3", "--sigma", "0.25,0.75",
@@ -147,6 +149,7 @@ def test_report_writes_every_figure_and_table(tmp_path, capsys):
         assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.svg").exists()
     readme = (out / "README.md").read_text()
     assert "mtlbench run --methods tr,hard,separate,stl" in readme and "## Results" in readme
+    assert "Headline metric: mean balanced accuracy" in readme
     agg = pd.read_csv(out / "aggregate.csv")
     assert set(agg["label"]) == {"tr σ=0.25", "tr σ=0.75", "hard", "separate", "stl"}
     assert (agg["seeds"] == 2).all() and agg["mean_accuracy_ci95"].notna().all()
@@ -160,11 +163,11 @@ def test_compare_passes_fails_and_reports_missing(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "base.csv"), str(res)]) == 0
 
     worse = base.copy()
-    worse.loc[worse["method"] == "hard", "mean_accuracy"] -= 0.05  # 5 points
+    worse.loc[worse["method"] == "hard", "mean_balanced_accuracy"] -= 0.05  # 5 points
     worse.to_csv(tmp_path / "worse.csv", index=False)
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "base.csv"), str(tmp_path / "worse.csv")]) == 1
-    assert "ACCURACY -5.00 pts" in capsys.readouterr().out
+    assert "MEAN_BALANCED_ACCURACY -5.00 pts" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "base.csv"), str(tmp_path / "worse.csv"), "--max-acc-drop", "6"]) == 0
 
     slower = base.copy()
@@ -185,7 +188,7 @@ def test_compare_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "x.csv").write_text("a,b\n1,2\n")
     assert main(["compare", str(tmp_path / "x.csv"), str(tmp_path / "x.csv")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 2 and "not an mtlbench results table" in err
+    assert err.count("\n") == 2 and "not a results table of this mtlbench version" in err
 
 
 def test_log_spaced_task_shorthand():
@@ -211,9 +214,104 @@ def test_precisions_are_separate_settings_with_their_own_stl_reference(tmp_path,
         assert hard["delta_m"]["accuracy"] == pytest.approx(expected)
 
 
-def test_tables_written_before_the_precision_column_still_compare(tmp_path, capsys):
-    from pathlib import Path
-    old = Path(__file__).resolve().parents[1] / "reports" / "synthetic-sweep" / "runs.csv"
-    df = pd.read_csv(old)
-    assert "precision" not in df.columns  # written by an earlier version
-    assert main(["compare", str(old), str(old)]) == 0
+def test_delta_m_needs_the_reference_on_the_same_tasks(tmp_path, capsys):
+    """The issue's case: hard on task0007,task0009 must not be compared with stl on task0000,task0001."""
+    assert main(["run", "--methods", "stl", "--task-names", "task0000,task0001", "--out", str(tmp_path),
+                 *TINY_ARGS]) == 0
+    assert main(["run", "--methods", "hard", "--task-names", "task0007,task0009", "--out", str(tmp_path),
+                 *TINY_ARGS]) == 0
+    out = capsys.readouterr().out
+    hard_line = [line for line in out.splitlines() if line.startswith("hard")][-1]
+    assert "n/a" in hard_line
+    runs = results.load_runs(tmp_path)
+    results.add_delta_m(runs)
+    assert all(r["delta_m"]["balanced_accuracy"] is None for r in runs if r["config"]["method"] == "hard")
+    assert main(["run", "--methods", "stl", "--task-names", "task0007,task0009", "--out", str(tmp_path),
+                 *TINY_ARGS]) == 0
+    runs = results.load_runs(tmp_path)
+    table = results.table(runs)
+    assert table.loc[table["method"] == "hard", "delta_m_balanced_accuracy"].notna().all()
+
+
+def test_aggregation_and_compare_keep_settings_with_different_options_apart(tmp_path, capsys):
+    from mtlbench.aggregate import aggregate
+    from mtlbench.compare import compare
+    assert main(["run", "--methods", "tr", "--tasks", "2", "--seed", "0,1", "--out", str(tmp_path),
+                 *TINY_ARGS]) == 0
+    assert main(["run", "--methods", "tr", "--tasks", "2", "--seed", "0,1", "-o", "method.bn_stats=kept",
+                 "--out", str(tmp_path), *TINY_ARGS]) == 0
+    assert main(["run", "--methods", "hard", "--tasks", "2", "--seed", "0,1", "-o", "dataset.relatedness=0.9",
+                 "--out", str(tmp_path), *TINY_ARGS]) == 0
+    assert main(["run", "--methods", "hard", "--tasks", "2", "--seed", "0,1", "--out", str(tmp_path),
+                 *TINY_ARGS]) == 0
+    table = results.table(results.load_runs(tmp_path))
+    agg = aggregate(table)
+    assert len(agg) == 4 and (agg["seeds"] == 2).all()  # four settings, two seeds each
+    assert set(agg["label"]) == {"tr σ=0.5", "tr σ=0.5 bn_stats=kept", "hard"}
+    # Implementation choices tested to give the same numbers are one setting.
+    assert main(["run", "--methods", "tr", "--tasks", "2", "--seed", "0,1", "--tr-impl", "dense",
+                 "--out", str(tmp_path), *TINY_ARGS]) == 0
+    table = results.table(results.load_runs(tmp_path))
+    agg = aggregate(table)
+    assert len(agg) == 4 and (agg["seeds"] == 2).all() and sorted(agg["runs"]) == [2, 2, 2, 4]
+    # compare: a folder missing one of the settings reports exactly that one
+    partial = table[table["label"] != "tr σ=0.5 bn_stats=kept"]
+    out, problems = compare(table, partial, 100, 100)
+    assert problems == 1 and (out["verdict"] == "MISSING in new").sum() == 1
+
+
+def test_compare_fails_on_a_value_that_is_not_a_number(tmp_path, capsys):
+    assert main(["run", "--methods", "hard", "--tasks", "2", "--out", str(tmp_path / "res"), *TINY_ARGS]) == 0
+    base = pd.read_csv(tmp_path / "res" / "results.csv")
+    broken = base.copy()
+    broken["mean_balanced_accuracy"] = float("nan")
+    broken["train_pairs_per_s"] = float("nan")
+    broken.to_csv(tmp_path / "nan.csv", index=False)
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "res" / "results.csv"), str(tmp_path / "nan.csv")]) == 1
+    out = capsys.readouterr().out
+    assert "NOT A NUMBER" in out and "THROUGHPUT NOT A NUMBER" in out
+
+
+def test_select_val_picks_the_best_validation_value(tmp_path, capsys):
+    """A crafted results folder: two learning rates per method, validation and test scores
+    set by hand so that the best test and the best validation disagree."""
+    from mtlbench.aggregate import select_val
+    assert main(["run", "--methods", "hard,stl", "--tasks", "2", "--lr", "0.001,0.01", "--seed", "0,1",
+                 "--out", str(tmp_path), *TINY_ARGS]) == 0
+    for path in (tmp_path / "runs").glob("*.json"):
+        run = json.loads(path.read_text())
+        low = run["config"]["lr"] == 0.001
+        run["train"]["selection"]["best_value"] = 0.9 if low else 0.6   # validation prefers lr 0.001
+        run["metrics"]["mean_balanced_accuracy"] = 0.5 if low else 0.99  # test would prefer 0.01
+        run["metrics"]["balanced_accuracy"] = [run["metrics"]["mean_balanced_accuracy"]] * 2
+        path.write_text(json.dumps(run))
+    table = results.table(results.load_runs(tmp_path))
+    chosen = select_val(table, ["lr"])
+    assert set(chosen["lr"]) == {0.001} and len(chosen) == 4  # 2 methods x 2 seeds
+    assert set(chosen["tuned_over"]) == {2}
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "rep"), "--select", "val"]) == 0
+    readme = (tmp_path / "rep" / "README.md").read_text()
+    assert "## Tuning" in readme and "values tried" in readme
+    agg = pd.read_csv(tmp_path / "rep" / "aggregate.csv")
+    assert (agg["mean_balanced_accuracy_mean"] == 0.5).all()  # the test score of the choice
+    assert (agg["delta_m_balanced_accuracy_mean"] == 0.0).all()  # against stl's own choice
+    out, problems = __import__("mtlbench.compare", fromlist=["compare"]).compare(table, table, 1, 10, tune=["lr"])
+    assert problems == 0 and len(out) == 2
+
+
+def test_time_budget_skips_with_the_measured_step_and_a_larger_budget_runs_it(tmp_path, capsys):
+    args = ["run", "--methods", "hard", "--tasks", "2", "--out", str(tmp_path), *TINY_ARGS]
+    args[args.index("--steps-per-task") + 1] = "50"
+    assert main([*args, "--max-train-seconds", "0.0001"]) == 0
+    (run,) = results.load_runs(tmp_path)
+    assert run["status"] == "skipped" and "exceeds --max-train-seconds" in run["reason"]
+    assert run["probe"]["probe_step_seconds"] > 0 and run["probe"]["steps_planned"] == 50
+    assert run["memory"]["peak_bytes"] > 0 and run["flops"]["train_per_pair"] > 0
+    table = results.table([run])
+    assert table["train_pairs_per_s"].iloc[0] > 0  # from the probe steps
+    assert main([*args, "--max-train-seconds", "0.0001"]) == 0  # the same budget: still skipped, not retried
+    assert "1 of 1 runs already finished" in capsys.readouterr().err
+    assert main(args) == 0  # no budget: it runs
+    (run,) = results.load_runs(tmp_path)
+    assert run["status"] == "ok"

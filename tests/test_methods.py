@@ -8,11 +8,12 @@ import torch
 
 from mtlbench.config import RunConfig
 from mtlbench.data import Batches
-from mtlbench.engine import build_method, execute, make_optimizer, task_loss
+from mtlbench.engine import Trainer, build_method, execute
+from mtlbench.method import Budget
 from mtlbench.methods.cross_stitch import stitch_init
 from mtlbench.registry import METHODS
 
-from conftest import with_method
+from helpers import with_method
 
 ALL = METHODS.names()
 
@@ -33,22 +34,19 @@ def test_builds_and_accounts_parameters(tiny_config, name):
 def test_one_step_changes_parameters_with_finite_loss(tiny_config, tiny_data, name):
     cfg = with_method(tiny_config, name)
     model = build_method(cfg, 3)
-    train_set, _ = tiny_data
+    train_set = tiny_data.train
     x, y = Batches(train_set.images, train_set.labels, 16, 0, train_set.mean, train_set.std).get(0)
     before = [p.detach().clone() for p in model.parameters()]
-    tasks = next(iter(model.schedule(1, torch.Generator().manual_seed(0))))
-    loss = task_loss(model(x, tasks), y[:, tasks])
-    assert torch.isfinite(loss)
-    opt = make_optimizer(model, cfg)
-    loss.backward()
-    opt.step()
+    tasks, _ = next(iter(model.schedule(Budget(1, 1), torch.Generator().manual_seed(0))))
+    losses = model.train_step(x, y, tasks, Trainer(model, cfg, 1))
+    assert torch.isfinite(losses).all() and len(losses) == len(tasks)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_evaluation_returns_one_accuracy_per_task(tiny_config, tiny_data, name):
-    result = execute(with_method(tiny_config, name), *tiny_data)
-    for metric in ("accuracy", "balanced_accuracy"):
+    result = execute(with_method(tiny_config, name), tiny_data)
+    for metric in ("accuracy", "balanced_accuracy", "auroc", "ap"):
         values = result["metrics"][metric]
         assert len(values) == tiny_config.tasks and all(0 <= v <= 1 for v in values)
     assert result["train"]["batches_per_task"] == [tiny_config.steps_per_task]  # the equal budget
@@ -57,14 +55,14 @@ def test_evaluation_returns_one_accuracy_per_task(tiny_config, tiny_data, name):
 @pytest.mark.parametrize("name", ["tr", "hard", "stl"])
 def test_same_seed_same_per_task_accuracy(tiny_config, tiny_data, name):
     cfg = with_method(tiny_config, name)
-    a = execute(cfg, *tiny_data)["metrics"]
-    b = execute(cfg, *tiny_data)["metrics"]
-    assert a["accuracy"] == b["accuracy"] and a["balanced_accuracy"] == b["balanced_accuracy"]
+    a = execute(cfg, tiny_data)["metrics"]
+    b = execute(cfg, tiny_data)["metrics"]
+    assert a == b
 
 
 def test_tr_at_sigma_one_equals_hard_on_the_default_backbone():
-    cfg = RunConfig(tasks=40, sigma=1.0)
-    tr, hard = build_method(with_method(cfg, "tr"), 3), build_method(with_method(cfg, "hard"), 3)
+    cfg = RunConfig(tasks=40)
+    tr, hard = build_method(with_method(cfg, "tr", sigma=1.0), 3), build_method(with_method(cfg, "hard"), 3)
     tr.eval(), hard.eval()
     x = torch.randn(4, 3, 32, 32)
     everything = list(range(40))
@@ -74,8 +72,13 @@ def test_tr_at_sigma_one_equals_hard_on_the_default_backbone():
     assert torch.allclose(tr.predict_all(x), hard.predict_all(x), atol=1e-5, rtol=1e-4)
 
 
-def test_separate_ignores_sigma_and_matches_hard_parameter_count(tiny_config):
-    sep = build_method(with_method(tiny_config, "separate", sigma=0.7), 3)
+def test_separate_has_no_sigma_and_matches_hard_parameter_count(tiny_config):
+    from mtlbench.errors import MtlbenchError
+    with pytest.raises(MtlbenchError, match="unknown option"):
+        with_method(tiny_config, "separate", sigma=0.7)
+    cfg = with_method(tiny_config, "separate")
+    assert "sigma" not in cfg.method_options and "sigma" in with_method(tiny_config, "tr").method_options
+    sep = build_method(cfg, 3)
     hard = build_method(with_method(tiny_config, "hard"), 3)
     assert sep.sigma == 0.0
     assert sep.param_counts()["trainable"] == hard.param_counts()["trainable"]
@@ -108,15 +111,13 @@ def test_cross_stitch_mixes_columns():
 def test_stl_task_loss_leaves_other_networks_unchanged(tiny_config, tiny_data):
     cfg = with_method(dataclasses.replace(tiny_config, tasks=3), "stl")
     model = build_method(cfg, 3)
-    opt = make_optimizer(model, cfg)
-    train_set, _ = tiny_data
+    trainer = Trainer(model, cfg, 10)
+    train_set = tiny_data.train
     x, y = Batches(train_set.images, train_set.labels, 16, 0, train_set.mean, train_set.std).get(0)
 
     def steps(task):
         for _ in range(2):
-            opt.zero_grad(set_to_none=True)
-            task_loss(model(x, [task]), y[:, [task]]).backward()
-            opt.step()
+            model.train_step(x, y, [task], trainer)
 
     def network(j):
         return [p.detach().clone() for m in (model.columns[j], model.heads[j]) for p in m.parameters()]

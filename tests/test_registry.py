@@ -63,3 +63,47 @@ def test_entry_point_plugins_load_lazily_and_a_broken_one_only_warns(plugin_modu
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "my-method" in out and "broken" in out and "plugin failed to load" in out
+
+
+@pytest.mark.slow
+def test_a_method_file_dropped_into_a_copy_is_discovered_with_no_other_edit(tmp_path):
+    """The package copied as it installs (methods/ and datasets/ inside mtlbench/), one new file
+    in methods/, and nothing else changed: `mtlbench list` shows it and `mtlbench run` runs it."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    pkg = tmp_path / "mtlbench"
+    shutil.copytree(root / "mtlbench", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "methods", pkg / "methods", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "datasets", pkg / "datasets", ignore=shutil.ignore_patterns("__pycache__"))
+    (pkg / "methods" / "widened.py").write_text(textwrap.dedent('''
+        """A method added as one file: hard sharing under another name."""
+        from mtlbench.methods.hard import HardSharing
+        from mtlbench.registry import register_method
+
+
+        @register_method("dropped-in", "A method that arrived as one file.")
+        class DroppedIn(HardSharing):
+            pass
+    '''))
+    runner = textwrap.dedent(f'''
+        import sys
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+        sys.path.insert(0, {str(tmp_path)!r})
+        import mtlbench.cli
+        assert mtlbench.cli.__file__.startswith({str(tmp_path)!r}), mtlbench.cli.__file__
+        sys.exit(mtlbench.cli.main(sys.argv[1:]))
+    ''')
+    (tmp_path / "run.py").write_text(runner)
+    listed = subprocess.run([sys.executable, str(tmp_path / "run.py"), "list"], capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    assert "dropped-in" in listed.stdout and "A method that arrived as one file." in listed.stdout
+    from helpers import TINY_ARGS
+    ran = subprocess.run([sys.executable, str(tmp_path / "run.py"), "run", "--methods", "dropped-in", "--tasks", "2",
+                          "--out", str(tmp_path / "out"), *TINY_ARGS], capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    assert "dropped-in" in ran.stdout
+    assert "dropped-in" not in subprocess.run([sys.executable, "-m", "mtlbench.cli", "list"], capture_output=True,
+                                              text=True).stdout  # the real tree is untouched

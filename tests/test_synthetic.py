@@ -10,7 +10,7 @@ from mtlbench.datasets.synthetic import MAX_TASKS, Synthetic, SyntheticConfig
 from mtlbench.engine import execute
 from mtlbench.errors import MtlbenchError
 
-from conftest import with_method
+from helpers import with_method
 
 SMALL = SyntheticConfig(num_train=400, num_test=300, image_size=16)
 
@@ -69,5 +69,5 @@ def test_tasks_are_learnable_hard_beats_chance(tiny_config):
                               dataset_options={"num_train": 2560, "num_test": 500}, backbone_options={})
     cfg = with_method(cfg, "hard")
     from mtlbench.engine import load_data
-    metrics = execute(cfg, *load_data(cfg))["metrics"]
+    metrics = execute(cfg, load_data(cfg))["metrics"]
     assert metrics["mean_balanced_accuracy"] > 0.70, metrics  # chance is 0.5

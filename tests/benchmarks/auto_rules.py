@@ -3,11 +3,11 @@
     python tests/benchmarks/auto_rules.py --device cuda      # or cpu (slower: minutes)
 
 - ``tr_compact_speedup``: dense over compact ``tr`` training step by sigma, T=40, batch 64
-  and 256 (``methods.tr.AUTO_MAX_KEPT``);
+  and 256 (``mtlbench.methods.tr.AUTO_MAX_KEPT``);
 - ``columns_grouped_speedup``: loop over grouped columns at T=10 and 40
-  (``mtlbench.columns.AUTO_COLUMNS``);
+  (``mtlbench.methods.columns.AUTO_COLUMNS``);
 - ``group_budget``: time and peak memory of tr's and stl's grouped all-task inference at
-  several activation budgets, sigma 0.5, T=40 (``mtlbench.compact.GROUP_BYTES``).
+  several activation budgets, sigma 0.5, T=40 (``mtlbench.layers.GROUP_BYTES``).
 
 Timings follow ``mtlbench bench``: 2 warm-up calls, the median of 7 repeats. Peak memory is
 measured on CUDA only (the allocator's peak above what was allocated before the call).
@@ -20,8 +20,10 @@ import time
 
 import torch
 
-from mtlbench import compact
+from mtlbench import layers
 from mtlbench.bench import Bench, BenchShape
+from mtlbench.registry import METHODS
+from mtlbench.methods.tr.bench import compact_speedup
 
 
 def peak_mb(device: torch.device, fn) -> float | None:
@@ -39,23 +41,23 @@ def peak_mb(device: torch.device, fn) -> float | None:
 @torch.no_grad()
 def group_budget(device: str, batch: int, budgets_mib: tuple[int, ...]) -> dict:
     b = Bench(device, BenchShape(batch=batch, repeats=7))
-    kind, saved = b.device.type, dict(compact.GROUP_BYTES)
+    kind, saved = b.device.type, dict(layers.GROUP_BYTES)
     out = {}
     try:
         for mib in budgets_mib:
-            compact.GROUP_BYTES[kind] = mib << 20
+            layers.GROUP_BYTES[kind] = mib << 20
             row = {}
-            for name, method, changes in (("tr", "tr", dict(sigma=0.5, tr_impl="dense")),
-                                          ("stl", "stl", dict(sigma=None, method_options={"columns": "grouped"}))):
-                _, model = b.model(method, 40, schedule="sample" if method == "tr" else "all", **changes)
+            for name, method, changes in (("tr", "tr", dict(sigma=0.5, impl="dense")),
+                                          ("stl", "stl", dict(columns="grouped"))):
+                _, model = b.model(method, 40, **changes)
                 model.eval()
                 row[f"{name}_s"] = b.timed(lambda: model.predict_all(b.x))
                 row[f"{name}_peak_mb"] = peak_mb(b.device, lambda: model.predict_all(b.x))
             out[f"{mib}MiB"] = row
     finally:
-        compact.GROUP_BYTES.update(saved)
-    _, loop = b.model("stl", 40, sigma=None, schedule="all", method_options={"columns": "loop"})
-    _, dense = b.model("tr", 40, sigma=0.5, schedule="sample", tr_impl="dense", method_options={"inference": "dense"})
+        layers.GROUP_BYTES.update(saved)
+    _, loop = b.model("stl", 40, columns="loop")
+    _, dense = b.model("tr", 40, sigma=0.5, impl="dense", inference="dense")
     loop.eval(), dense.eval()
     out["stl_loop_s"] = b.timed(lambda: loop.predict_all(b.x))
     out["tr_masked_passes_s"] = b.timed(lambda: dense.predict_all(b.x))
@@ -71,10 +73,12 @@ def main() -> None:
            "torch": torch.__version__}
     for batch, sigmas in ((64, (0.0, 0.25, 0.5, 0.75, 0.9)), (256, (0.25, 0.5, 0.75))):
         b = Bench(args.device, BenchShape(batch=batch, repeats=7))
-        out[f"tr_compact_speedup_b{batch}"] = {f"{s:g}": b.tr_compact_speedup(s) for s in sigmas}
+        out[f"tr_compact_speedup_b{batch}"] = {f"{s:g}": compact_speedup(b, s) for s in sigmas}
     for t in (10, 40):
-        out[f"columns_grouped_speedup_T{t}"] = Bench(
-            args.device, BenchShape(cross_stitch_tasks=(t,), repeats=7)).columns_grouped_speedup()
+        b = Bench(args.device, BenchShape(cross_stitch_tasks=(t,), repeats=7))
+        out[f"columns_grouped_speedup_T{t}"] = {
+            **METHODS.get("cross-stitch").bench_figures(b)["columns_grouped_speedup"],
+            **METHODS.get("stl").bench_figures(b)["columns_grouped_speedup"]}
     for batch in (64, 250):
         out[f"group_budget_b{batch}"] = group_budget(args.device, batch, (64, 256, 1024, 4096))
     out["seconds"] = time.perf_counter() - start

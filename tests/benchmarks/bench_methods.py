@@ -1,6 +1,8 @@
 """pytest-benchmark suite: one training step and one all-task inference pass per method.
 
-Not part of the default test run (the file name does not match ``test_*.py``). Run it with
+Every step goes through the method's own ``train_step`` (as ``mtlbench run`` and ``mtlbench
+bench`` do). Not part of the default test run (the file name does not match ``test_*.py``).
+Run it with
 
     python -m pytest tests/benchmarks/bench_methods.py --benchmark-autosave
 
@@ -14,17 +16,16 @@ import pytest
 import torch
 
 from mtlbench.config import RunConfig
-from mtlbench.engine import build_method, make_optimizer, task_loss
+from mtlbench.engine import Trainer, build_method
 from mtlbench.measure import tune_allocator
+from mtlbench.method import Budget
 from mtlbench.registry import METHODS
 
 BATCH = 64
 
 
 def setup(method: str, tasks: int):
-    cls = METHODS.get(method)
-    cfg = RunConfig(method=method, tasks=tasks, sigma=0.5 if cls.uses_sigma else cls.fixed_sigma,
-                    schedule=cls.schedules[0])
+    cfg = RunConfig(method=method, tasks=tasks, method_options=METHODS.get(method).resolve_options({}))
     tune_allocator()  # as mtlbench run does
     model = build_method(cfg, 3).to(memory_format=torch.channels_last)
     model.prepare(torch.device("cpu"))  # resolve the auto choices (tr impl, columns) as a run does
@@ -37,13 +38,11 @@ def setup(method: str, tasks: int):
 @pytest.mark.parametrize("method", METHODS.names())
 def test_train_step(benchmark, method, tasks):
     cfg, model, x, y = setup(method, tasks)
-    opt = make_optimizer(model, cfg)
-    step_tasks = next(iter(model.schedule(1, torch.Generator().manual_seed(0))))
+    trainer = Trainer(model, cfg, 100)
+    step_tasks, _ = next(iter(model.schedule(Budget(1, 1), torch.Generator().manual_seed(0))))
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        task_loss(model(x, step_tasks), y[:, step_tasks]).backward()
-        opt.step()
+        model.train_step(x, y, step_tasks, trainer)
 
     benchmark.extra_info["pairs_per_step"] = BATCH * len(step_tasks)
     benchmark.pedantic(step, rounds=3, warmup_rounds=1)

@@ -7,7 +7,7 @@ For each sigma, with the ``mtlbench bench`` shapes (default backbone, batch 64, 
 
 - ``widths``: channels per layer of the full network, of what a task keeps (the most common
   count over the T tasks), of what compact computes in training (kept, padded to
-  ``mtlbench.compact.PAD``), and ``fraction``: sigma times the full widths, rounded (what a
+  ``mtlbench.methods.tr.compact.PAD``), and ``fraction``: sigma times the full widths, rounded (what a
   task would keep if it kept exactly a fraction sigma, with no units of its own);
 - ``flop_ratio``: training-step FLOPs (``torch.utils.flop_counter``) of the full network
   over a plain network of each of those widths;
@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlbench.bench import Bench, BenchShape
-from mtlbench.compact import PAD
 from mtlbench.measure import count_flops, median_ratio
+from mtlbench.methods.tr.bench import compact_speedup
+from mtlbench.methods.tr.compact import PAD
 
 
 def common_widths(model, pad: int, device: torch.device) -> tuple[int, ...]:
@@ -73,7 +74,7 @@ def conv_step(b: Bench, layers, widths: tuple[int, ...]):
 
 
 def bound(b: Bench, sigma: float) -> dict:
-    cfg, tr = b.model("tr", b.shape.tasks, sigma=sigma, schedule="sample", tr_impl="compact")
+    cfg, tr = b.model("tr", b.shape.tasks, sigma=sigma, impl="compact")
     full = tuple(r.masks.shape[1] for r in tr.routers)
     widths = {"full": full, "kept": common_widths(tr, 1, b.device), "computed": common_widths(tr, PAD, b.device),
               "fraction": tuple(max(1, round(sigma * c)) for c in full)}
@@ -81,7 +82,7 @@ def bound(b: Bench, sigma: float) -> dict:
            "flop_ratio": {}, "plain_speedup": {}, "conv_speedup": {}}
     steps, flops, convs = {}, {}, {}
     for name, w in widths.items():
-        plain_cfg, plain = b.model("hard", 1, sigma=1.0, schedule="all", backbone_options={"widths": w})
+        plain_cfg, plain = b.model("hard", 1, backbone_options={"widths": w})
         if name == "full":  # widths are listed full first
             layers = conv_inputs(plain, b.x)
         steps[name] = b.train_step(plain_cfg, plain)
@@ -92,7 +93,7 @@ def bound(b: Bench, sigma: float) -> dict:
         out["flop_ratio"][name] = flops["full"] / flops[name]
         out["plain_speedup"][name] = median_ratio(plain_t, "full", name)
         out["conv_speedup"][name] = median_ratio(conv_t, "full", name)
-    out["tr_compact_speedup"] = b.tr_compact_speedup(sigma)
+    out["tr_compact_speedup"] = compact_speedup(b, sigma)
     return out
 
 

@@ -10,7 +10,8 @@ stl's independence are unchanged); gradients reach them through the concatenatio
 
 Which is faster depends on the device: on a CPU the loop's T calls cost little next to the
 work in each, on a GPU T small kernel launches are the cost. ``auto`` follows
-:data:`AUTO_COLUMNS`, measured with ``mtlbench bench`` (``columns_grouped_speedup``).
+:data:`AUTO_COLUMNS`; ``mtlbench bench`` prints the ratio on any device
+(``columns_grouped_speedup``), ``tests/benchmarks/auto_rules.py`` the figures behind the rule.
 """
 from __future__ import annotations
 
@@ -20,23 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlbench.compact import ELEMENTWISE, conv_outputs
 from mtlbench.errors import MtlbenchError
-from mtlbench.method import Method, MethodConfig
-from mtlbench.routing import momentum_step
+from mtlbench.layers import ELEMENTWISE, conv_outputs, momentum_step
+from mtlbench.method import Method, MethodOptions, WeightedOptions
 
 COLUMN_IMPLS = ("auto", "loop", "grouped")
-# Measured (convnet, batch 64, loop/grouped; see the README's performance section): on a
-# 2-core CPU (torch 2.14) the loop wins (grouped 0.78-1.04x as fast); on an H200 (torch 2.11)
-# grouped wins, 1.5-2.5x for a cross-stitch step and 1.8-7.3x for stl all-task inference at
-# T=10 and 40, as T kernel launches per layer are the cost there. ``mtlbench bench`` reports
-# the ratio (``columns_grouped_speedup``) on any device.
+# The loop on a CPU, grouped on a GPU (see the module docstring for where the figures come from).
 AUTO_COLUMNS = {"cpu": "loop", "cuda": "grouped"}
 
 
 @dataclass
-class ColumnsConfig(MethodConfig):
+class ColumnsOptions(MethodOptions):
     columns: str = "auto"  # loop, grouped or auto (by device, see AUTO_COLUMNS)
+
+
+@dataclass
+class WeightedColumnsOptions(WeightedOptions):
+    columns: str = "auto"
 
 
 def check_columns(choice: str) -> None:
@@ -55,21 +56,25 @@ class ColumnsMethod(Method):
     """Base of methods with one backbone column per task (``self.columns``): the loop or grouped
     choice, resolved per device in :meth:`prepare` and recorded by :meth:`describe_columns`."""
 
-    config_class = ColumnsConfig
+    options_class = ColumnsOptions
+    implementation_options = ("columns",)
+
+    @classmethod
+    def check_options(cls, options) -> None:
+        check_columns(options.columns)
 
     def init_columns(self) -> None:
         """Call once ``self.columns`` exists."""
-        check_columns(self.config.columns)
         self.grouped = GroupedColumns.build(self.columns)
-        if self.config.columns == "grouped" and self.grouped is None:
+        if self.options.columns == "grouped" and self.grouped is None:
             raise MtlbenchError("method option columns=grouped needs a backbone of conv/batch-norm/elementwise blocks")
-        self.column_impl = resolve_columns(self.config.columns, "cpu", self.grouped)
+        self.column_impl = resolve_columns(self.options.columns, "cpu", self.grouped)
 
     def prepare(self, device: torch.device) -> None:
-        self.column_impl = resolve_columns(self.config.columns, device, self.grouped)
+        self.column_impl = resolve_columns(self.options.columns, device, self.grouped)
 
     def describe_columns(self) -> dict:
-        return {"column_impl": self.column_impl, "column_impl_requested": self.config.columns,
+        return {"column_impl": self.column_impl, "column_impl_requested": self.options.columns,
                 "columns": self.num_tasks}
 
 
