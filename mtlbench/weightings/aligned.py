@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mtlbench.registry import register_weighting
@@ -24,12 +25,12 @@ class AlignedOptions(GradientOptions):
 
 def alignment(gram: torch.Tensor, tol: float = 1e-8) -> torch.Tensor:
     """``B`` with ``B (G Gᵀ) Bᵀ = λ_min P`` (P the projector on the gradients' span)."""
-    values, vectors = torch.linalg.eigh(gram)
+    values, vectors = np.linalg.eigh(gram.detach().cpu().double().numpy())
     keep = values > tol * max(float(values.max()), 1e-300)
     values, vectors = values[keep], vectors[:, keep]
     if len(values) == 0:
-        return torch.zeros_like(gram)
-    return values.min().sqrt() * (vectors / values.sqrt()) @ vectors.t()
+        return torch.zeros(gram.shape, dtype=torch.float64)
+    return torch.from_numpy(np.sqrt(values.min()) * (vectors / np.sqrt(values)) @ vectors.T)
 
 
 @register_weighting("aligned", "Aligned-MTL: gradients aligned to equal singular values, then summed.")

@@ -8,6 +8,7 @@ product involved is an entry of the Gram matrix scaled by gradient norms, so it 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mtlbench.registry import register_weighting
@@ -15,15 +16,15 @@ from mtlbench.weighting import GradientWeighting
 
 
 def imtl_alpha(gram: torch.Tensor) -> torch.Tensor:
-    t = len(gram)
+    q = gram.detach().cpu().double().numpy()
+    t = len(q)
     if t == 1:
-        return torch.ones(1, dtype=gram.dtype)
-    norms = gram.diagonal().clamp(min=1e-24).sqrt()
-    gu = gram / norms[None, :]                  # gu[i, j] = g_i · u_j
-    g1_u = gu[0, 0] - gu[0, 1:]                 # g_1 · (u_1 - u_j), j = 2..T
-    du = (gu[0, 0] - gu[0, 1:])[None, :] - (gu[1:, 0][:, None] - gu[1:, 1:])  # (g_1 - g_i)·(u_1 - u_j)
-    rest = torch.linalg.lstsq(du.t(), g1_u[:, None]).solution.flatten()
-    return torch.cat([(1 - rest.sum()).view(1), rest])
+        return torch.ones(1, dtype=torch.float64)
+    gu = q / np.sqrt(np.maximum(np.diag(q), 1e-24))[None, :]  # gu[i, j] = g_i · u_j
+    g1_u = gu[0, 0] - gu[0, 1:]                               # g_1 · (u_1 - u_j), j = 2..T
+    du = g1_u[None, :] - (gu[1:, 0][:, None] - gu[1:, 1:])    # (g_1 - g_i) · (u_1 - u_j)
+    rest = np.linalg.lstsq(du.T, g1_u, rcond=None)[0]
+    return torch.from_numpy(np.concatenate([[1 - rest.sum()], rest]))
 
 
 @register_weighting("imtl", "IMTL-G: the update with equal projections on every task's unit gradient.")

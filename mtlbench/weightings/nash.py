@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mtlbench.registry import register_weighting
@@ -24,27 +25,27 @@ class NashOptions(GradientOptions):
 
 def nash_alpha(gram: torch.Tensor, iterations: int = 100, tol: float = 1e-12) -> torch.Tensor:
     """α > 0 with ``gram α = 1 / α``."""
-    norm = float(torch.linalg.matrix_norm(gram)) or 1.0
-    q = gram / norm
-    alpha = 1.0 / q.diagonal().clamp(min=1e-12).sqrt()
-    objective = lambda a: 0.5 * a @ q @ a - torch.log(a).sum()  # noqa: E731
+    q = gram.detach().cpu().double().numpy()
+    norm = float(np.linalg.norm(q)) or 1.0
+    q = q / norm
+    alpha = 1.0 / np.sqrt(np.maximum(np.diag(q), 1e-12))
+    objective = lambda a: 0.5 * a @ q @ a - np.log(a).sum()  # noqa: E731
     for _ in range(iterations):
         grad = q @ alpha - 1.0 / alpha
-        if float(grad.abs().max()) < tol:
+        if np.abs(grad).max() < tol:
             break
-        hessian = q + torch.diag(1.0 / alpha ** 2)
-        step = torch.linalg.solve(hessian, grad)
+        step = np.linalg.solve(q + np.diag(1.0 / alpha ** 2), grad)
         size, before = 1.0, objective(alpha)
         while True:  # stay positive and descend
             trial = alpha - size * step
-            if bool((trial > 0).all()) and objective(trial) <= before:
+            if (trial > 0).all() and objective(trial) <= before:
                 break
             size /= 2
             if size < 1e-12:
                 trial = alpha
                 break
         alpha = trial
-    return alpha / norm ** 0.5
+    return torch.from_numpy(alpha / norm ** 0.5)
 
 
 @register_weighting("nash", "Nash-MTL: the bargaining solution G^T G a = 1/a.")

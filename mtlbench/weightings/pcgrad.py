@@ -9,6 +9,7 @@ Gram matrix, tracking each g_i' as coefficients (:func:`project`).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mtlbench.registry import register_weighting
@@ -18,16 +19,18 @@ from mtlbench.weighting import GradientWeighting
 def project(gram: torch.Tensor, orders: list[list[int]]) -> torch.Tensor:
     """Row i: the coefficients of task i's projected gradient over the original gradients, with
     the other tasks visited in ``orders[i]``."""
-    t = len(gram)
-    a = torch.eye(t, dtype=gram.dtype)
+    q = gram.detach().cpu().double().numpy()
+    t = len(q)
+    a = np.eye(t)
     for i in range(t):
+        row = a[i]
+        dots = q[i].copy()  # row · q[:, j] for every j, kept up to date as row changes
         for j in orders[i]:
-            if j == i:
-                continue
-            dot = a[i] @ gram[:, j]
-            if dot < 0 and gram[j, j] > 0:
-                a[i, j] -= dot / gram[j, j]
-    return a
+            if j != i and dots[j] < 0 and q[j, j] > 0:
+                step = dots[j] / q[j, j]
+                row[j] -= step
+                dots -= step * q[j]
+    return torch.from_numpy(a)
 
 
 @register_weighting("pcgrad", "PCGrad: project away each gradient's conflict with the others.")
