@@ -32,7 +32,7 @@ METRICS = ["mean_accuracy", "mean_balanced_accuracy", "mean_auroc", "mean_ap",
            "final_mean_accuracy", "final_mean_balanced_accuracy", "final_mean_auroc", "final_mean_ap",
            "val_mean_balanced_accuracy", "delta_m_accuracy", "delta_m_balanced_accuracy", "delta_m_auroc",
            "delta_m_ap", "params_trainable", "flops_forward_per_image_task", "flops_train_per_pair",
-           "train_pairs_per_s", "eval_images_per_s", "peak_memory_mb", "wall_seconds"]
+           "step_seconds", "train_pairs_per_s", "eval_images_per_s", "peak_memory_mb", "wall_seconds"]
 SELECT_BY = "val_mean_balanced_accuracy"
 
 
@@ -49,21 +49,25 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """One row per setting of the ok runs: the describing columns, ``seeds``, ``runs``, and
     ``<metric>_mean`` and ``<metric>_ci95`` for every metric across seeds. Runs of one setting
     and seed (implementations tested to give the same numbers) are averaged first, so each
-    seed counts once."""
-    ok = df[df["status"] == "ok"]
+    seed counts once. Runs skipped on their time budget after timed probe steps count for
+    the cost metrics (step time, throughput, memory) and are marked ``measured_only``."""
+    probed = (df["status"] == "skipped") & df["step_seconds"].notna() if "step_seconds" in df else False
+    ok = df[(df["status"] == "ok") | probed]
     extra = [c for c in ("tuned_group", "tuned_over", "tuned_values", "chosen") if c in df.columns]
     rows = []
     for setting, group in ok.groupby("setting", sort=False):
         first = group.iloc[0]
         row = {"setting": setting, **{c: first.get(c) for c in DESCRIBE + extra}}
         row["seeds"], row["runs"] = int(group["seed"].nunique()), len(group)
+        row["measured_only"] = bool((group["status"] != "ok").all())
         for m in METRICS:
             values = pd.to_numeric(group[m], errors="coerce").groupby(group["seed"]).mean() if m in group \
                 else pd.Series([math.nan])
             row[f"{m}_mean"] = values.mean() if values.notna().any() else math.nan
             row[f"{m}_ci95"] = ci95(values)
         rows.append(row)
-    cols = ["setting", *DESCRIBE, *extra, "seeds", "runs"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "ci95")]
+    cols = ["setting", *DESCRIBE, *extra, "seeds", "runs", "measured_only"] + \
+        [f"{m}_{s}" for m in METRICS for s in ("mean", "ci95")]
     out = pd.DataFrame(rows, columns=cols)
     return out.sort_values(["dataset", "tasks", "label"], kind="stable").reset_index(drop=True)
 

@@ -24,7 +24,7 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 PALETTE_SALT = "7:"  # makes the five built-in methods land on five different colours
 STYLES = ["-", "--", ":", "-."]
 FIGURES = ["accuracy_vs_tasks", "params_vs_tasks", "throughput_vs_tasks", "accuracy_vs_option",
-           "per_task_accuracy", "learning_curves"]
+           "per_task_accuracy", "learning_curves", "step_time_vs_tasks"]
 METRIC_NAMES = {"balanced_accuracy": "balanced accuracy", "accuracy": "accuracy", "auroc": "AUROC",
                 "ap": "average precision"}
 
@@ -210,6 +210,33 @@ def fig_learning_curves(agg, runs, metric):
     return fig
 
 
+def slope(rows: pd.DataFrame, metric: str) -> float:
+    """Least-squares slope of log(metric) against log(T): the exponent of its growth with T."""
+    rows = rows[rows[f"{metric}_mean"].notna() & (rows[f"{metric}_mean"] > 0)]
+    if rows["tasks"].nunique() < 2:
+        return math.nan
+    return float(np.polyfit(np.log(rows["tasks"]), np.log(rows[f"{metric}_mean"]), 1)[0])
+
+
+def fig_step_time_vs_tasks(agg, runs, metric):
+    """Training step time and peak memory against T (log-log), each series' slope in its label
+    (step time ∝ T^slope). Runs skipped on their time budget count here from their probe steps."""
+    if agg["tasks"].nunique() < 2:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, m, name in zip(axes, ["step_seconds", "peak_memory_mb"],
+                           ["training step time (s, median)", "peak memory (MB)"]):
+        for label, method, rows, style in _series(agg):
+            k = slope(rows, m)
+            _line(ax, rows, m, f"{label} (slope {k:.2f})" if not math.isnan(k) else label, method, style, band=False)
+        ax.set(xscale="log", yscale="log", ylabel=name)
+        _task_axis(ax, agg)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle("Cost of a training step as T grows (log-log; slope = exponent of T)")
+    return fig
+
+
 def _nan(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
@@ -246,7 +273,9 @@ def summary_table(agg: pd.DataFrame, metric: str) -> pd.DataFrame:
         "params": agg["params_trainable_mean"],
         "fwd MFLOP/img/task": agg["flops_forward_per_image_task_mean"] / 1e6,
         "train pairs/s": agg["train_pairs_per_s_mean"], "infer img/s": agg["eval_images_per_s_mean"],
-        "peak MB": agg["peak_memory_mb_mean"], "wall s": agg["wall_seconds_mean"],
+        "step ms": agg["step_seconds_mean"] * 1000, "peak MB": agg["peak_memory_mb_mean"],
+        "wall s": agg["wall_seconds_mean"],
+        "note": ["over the time budget: cost from probe steps only" if m else "" for m in agg["measured_only"]],
     }).sort_values(["T", "method"], kind="stable")
 
 
@@ -262,7 +291,8 @@ def growth_table(agg: pd.DataFrame) -> pd.DataFrame:
                      "params ×": ratio("params_trainable"),
                      "train pairs/s ×": ratio("train_pairs_per_s"),
                      "infer img/s ×": ratio("eval_images_per_s"),
-                     "wall s ×": ratio("wall_seconds")})
+                     "step time ∝ T^": slope(group, "step_seconds"),
+                     "peak memory ∝ T^": slope(group, "peak_memory_mb")})
     return pd.DataFrame(rows)
 
 

@@ -37,7 +37,8 @@ COLUMNS = [
     "val_mean_balanced_accuracy", "best_step", "steps", "stopped_early",
     "delta_m_accuracy", "delta_m_balanced_accuracy", "delta_m_auroc", "delta_m_ap",
     "params_trainable", "params_shared", "params_task_specific", "flops_forward_per_image_task",
-    "flops_train_per_pair", "train_seconds", "train_pairs_per_s", "eval_images_per_s", "peak_memory_mb",
+    "flops_train_per_pair", "train_seconds", "step_seconds", "train_pairs_per_s", "eval_images_per_s",
+    "peak_memory_mb",
     "wall_seconds", "device", "precision", "threads", "reason", "setting_config",
 ]
 
@@ -169,6 +170,8 @@ def _row(run: dict) -> dict:
             "flops_forward_per_image_task": fl.get("forward_per_image_task"),
             "flops_train_per_pair": fl.get("train_per_pair"), "train_seconds": tr.get("seconds"),
             "peak_memory_mb": mem["peak_bytes"] / 2**20 if mem.get("peak_bytes") else None,
+            "step_seconds": (tr.get("step_time") or {}).get("median_s") or (run.get("probe") or {}).get(
+                "probe_step_seconds"),
             "train_pairs_per_s": tr.get("pairs_per_s") or _probe_rate(run),
             "eval_images_per_s": ev.get("images_per_s"),
             "wall_seconds": run.get("wall_seconds"), "device": c.get("device"), "precision": c.get("precision"),
