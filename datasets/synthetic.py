@@ -118,6 +118,10 @@ def task_directions(num_tasks: int, relatedness: float, g: torch.Generator) -> t
 class Synthetic(TaskDataset):
     config_class = SyntheticConfig
     max_tasks = MAX_TASKS
+    # Doubling it moves each method's mean balanced accuracy by less than a point (the README
+    # has the measurements); half of it does not converge.
+    default_budget = {"epochs": 4}
+    default_pos_weight = "none"  # about 50% positives: the weight would be about 1
     mean = (0.42, 0.42, 0.42)
     std = (0.22, 0.22, 0.22)
 

@@ -289,8 +289,7 @@ def eval_steps(spec: str, total: int, budget: Budget) -> list[int]:
     elif re.fullmatch(r"[0-9]+", spec) and int(spec) > 0:
         points = set(range(int(spec), total + 1, int(spec)))
     elif re.fullmatch(r"[0-9]*\.?[0-9]+ep", spec) and float(spec[:-2]) > 0:
-        epochs = budget.epochs if budget.epochs is not None else budget.batches_per_task / budget.per_epoch
-        every = float(spec[:-2]) / epochs
+        every = float(spec[:-2]) / budget.total_epochs
         points = {max(1, round(total * every * k)) for k in range(1, int(1 / every) + 1)}
     else:
         raise MtlbenchError(f"--eval-every takes auto, a number of steps (500) or of epochs (0.5ep), got {spec!r}")
@@ -320,8 +319,7 @@ def train(model: Method, batches: Batches, cfg: RunConfig, budget: Budget, val: 
     model.train()
     schedule = model.options.schedule
     total = model.total_steps(model.num_tasks, budget, schedule)
-    trainer = Trainer(model, cfg, total, pos_weight, steps_per_epoch=max(1, round(total / (
-        budget.epochs if budget.epochs is not None else budget.batches_per_task / budget.per_epoch))))
+    trainer = Trainer(model, cfg, total, pos_weight, steps_per_epoch=max(1, round(total / budget.total_epochs)))
     weighted = "weighting" in method_options(cfg)  # a schedule that supervises several tasks
     points = set(eval_steps(cfg.eval_every, total, budget))
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -390,7 +388,7 @@ def train(model: Method, batches: Batches, cfg: RunConfig, budget: Budget, val: 
         "first_loss": first_loss, "final_loss": mean_loss if steps else float("nan"),
         "batches_per_task": sorted(set(seen)),
         "budget": {"batches_per_task": budget.batches_per_task, "batches_per_epoch": budget.per_epoch,
-                   "epochs": budget.epochs if budget.epochs is not None else budget.batches_per_task / budget.per_epoch,
+                   "epochs": budget.total_epochs,
                    "given_as": "epochs" if budget.epochs is not None else "steps_per_task",
                    "dataset_default": DATASETS.get(cfg.dataset).default_budget},
         "lr_schedule": {"name": cfg.lr_schedule, "warmup": cfg.warmup, "base_lr": cfg.lr},

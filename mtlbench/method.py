@@ -43,6 +43,11 @@ class Budget:
     per_epoch: int
     epochs: float | None = None
 
+    @property
+    def total_epochs(self) -> float:
+        """The budget in passes over the training images (exact when given in epochs)."""
+        return self.epochs if self.epochs is not None else self.batches_per_task / self.per_epoch
+
 
 # A schedule yields (tasks supervised by the step, index of the batch in the seeded stream).
 def _all(num_tasks: int, budget: Budget, generator: torch.Generator) -> Iterator[tuple[list[int], int]]:
