@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mtlbench.errors import MtlbenchError
 from mtlbench.registry import BACKBONES, register_backbone
 
 
@@ -43,6 +44,8 @@ class ConvNetConfig:
 
 @register_backbone("convnet", "Small CNN: 4 conv3x3-BN-ReLU blocks (32-64-128-128), max-pool, GAP (default).")
 def convnet(cfg: ConvNetConfig) -> Backbone:
+    if not cfg.widths or min(cfg.widths) < 1:
+        raise MtlbenchError(f"backbone convnet: widths must be positive channel counts, got {cfg.widths}")
     blocks, cin = [], cfg.in_channels
     for i, w in enumerate(cfg.widths):
         layers = conv_bn_relu(cin, w)

@@ -267,8 +267,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
                   data_root=args.data_root, command=" ".join(["mtlbench", *map(shlex.quote, argv)]),
                   download=args.download, max_train_seconds=args.max_train_seconds)
     sweep.run(configs)
-    df = results.table(results.load_runs(sweep.out, warn=lambda m: print(m, file=sys.stderr)))
-    results.write_tables(sweep.out, df)
+    df = results.refresh_tables(sweep.out, warn=lambda m: print(m, file=sys.stderr))
     keys = {c.key() for c in configs}
     print(results.summary(df[df["key"].isin(keys)]))
     print(f"\nresults: {sweep.out / 'results.csv'} ({len(df)} runs), one JSON per run in {sweep.out / 'runs'}")

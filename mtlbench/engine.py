@@ -298,6 +298,11 @@ def eval_steps(spec: str, total: int, budget: Budget) -> list[int]:
 
 SELECTION_METRIC = "mean_balanced_accuracy"
 PROBE_STEPS = 4  # timed training steps (after a first, untimed one) behind a time-budget projection
+DIVERGED = 10.0  # a training loss this many times its starting value, averaged between evaluations
+
+
+class Diverged(FloatingPointError):
+    """Training whose loss ran away (recorded as a failed run with the reason)."""
 
 
 class OverBudget(Exception):
@@ -336,7 +341,7 @@ def train(model: Method, batches: Batches, cfg: RunConfig, budget: Budget, val: 
         losses = model.train_step(x, y, tasks, trainer)
         total_loss = float(losses.sum())
         if not math.isfinite(total_loss):
-            raise FloatingPointError(f"non-finite loss {total_loss} at step {steps}")
+            raise Diverged(f"diverged: non-finite loss {total_loss} at step {steps + 1}")
         trainer.scheduler.step()
         for t in tasks:
             seen[t] += 1
@@ -359,6 +364,9 @@ def train(model: Method, batches: Batches, cfg: RunConfig, budget: Budget, val: 
             point = {"step": steps, "pairs": pairs, "epoch": pairs / (budget.per_epoch * cfg.batch_size * model.num_tasks),
                      "lr": trainer.lr(), "train_loss": statistics.fmean(window)}
             window = []
+            if point["train_loss"] > DIVERGED * first_loss:
+                raise Diverged(f"diverged: mean training loss {point['train_loss']:.3g} by step {steps}, "
+                               f"{point['train_loss'] / first_loss:.0f}x its starting value {first_loss:.3g}")
             if val is not None:
                 logits, _ = predict(model, val[0], batches, cfg.eval_batch_size, cfg)
                 point["val"] = means(binary_metrics(logits, val[1]))

@@ -2,14 +2,18 @@
 atomic result file per run."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import itertools
+import json
 import logging
+import os
+import socket
 import time
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -111,6 +115,19 @@ def _check_builds(cls: type, base: RunConfig, resolved: dict) -> None:
         cls(resolve_backbone(base.backbone, 3, base.backbone_options), 2, cls.options_from(resolved))
 
 
+def _alive(pid) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def estimate_params(cfg: RunConfig, in_channels: int) -> int:
     """Trainable parameters of ``cfg``'s model, counted on the meta device (no memory used)."""
     with torch.device("meta"):
@@ -146,6 +163,14 @@ class Sweep:
                 return False
         return True
 
+    def _finished_one(self, key: str) -> dict | None:
+        for path in (self.out / "runs").glob(f"*_{key}.json"):
+            run = results.read_run(path)
+            if run is not None and run["key"] == key and (
+                    run.get("status") == "ok" or (run.get("status") == "skipped" and self._still_skipped(run))):
+                return run
+        return None
+
     def finished(self) -> dict[str, dict]:
         return {r["key"]: r for r in results.load_runs(self.out, warn=self.warn)
                 if r.get("status") == "ok" or (r.get("status") == "skipped" and self._still_skipped(r))}
@@ -157,15 +182,61 @@ class Sweep:
             self._data = {key: load_data(cfg, self.data_root, self.download)}  # keep one: sweeps go T by T
         return self._data[key]
 
+    TABLES_EVERY = 30.0  # seconds: the tables are rebuilt after a run at most this often (and at the end)
+
     def run(self, configs: list[RunConfig]) -> list[dict]:
+        results.refresh_tables(self.out, warn=self.warn)  # mends tables a killed writer left behind
         done = self.finished()
         todo = [c for c in configs if c.key() not in done]
         if len(todo) < len(configs):
             self.warn(f"mtlbench: {len(configs) - len(todo)} of {len(configs)} runs already finished "
                       f"in {self.out}; skipping them")
+        last = time.monotonic()
+        elsewhere = []
         for cfg in todo:
-            done[cfg.key()] = self.run_one(cfg)
-        return [done[c.key()] for c in configs]
+            with self.claim(cfg.key()) as mine:
+                if not mine:  # another sweep into this folder is training it now
+                    elsewhere.append(cfg)
+                    continue
+                done[cfg.key()] = self._finished_one(cfg.key()) or self.run_one(cfg)  # or done meanwhile
+            if time.monotonic() - last > self.TABLES_EVERY:  # a killed sweep leaves current tables
+                results.refresh_tables(self.out, warn=lambda m: None)
+                last = time.monotonic()
+        if elsewhere:
+            self.warn(f"mtlbench: {len(elsewhere)} run(s) were being trained by another sweep into {self.out}; "
+                      "rerun this command once it has finished to collect them")
+        return [done[c.key()] for c in configs if c.key() in done]
+
+    @contextlib.contextmanager
+    def claim(self, key: str) -> Iterator[bool]:
+        """Claim run ``key`` before training it: a file holding this process's PID and host.
+        A live claim of another process is respected (False); a dead one on this host is
+        taken over. Released when the block ends."""
+        folder = self.out / "runs" / ".claims"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{key}.claim"
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    owner = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    owner = {}
+                if owner.get("host") == me["host"] and not _alive(owner.get("pid")):
+                    path.unlink(missing_ok=True)  # its process is gone: take it over
+                    continue
+                yield False
+                return
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            try:
+                yield True
+            finally:
+                path.unlink(missing_ok=True)
+            return
+        yield False
 
     def run_one(self, cfg: RunConfig) -> dict:
         data = self.data(cfg)
@@ -175,8 +246,17 @@ class Sweep:
                   "command": self.command, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "environment": results.environment()}
         start = time.perf_counter()
-        params = estimate_params(cfg, data.train.images.shape[1])
-        if params > self.max_params:
+        try:
+            params = estimate_params(cfg, data.train.images.shape[1])
+        except MtlbenchError:
+            raise
+        except Exception as exc:  # a model that cannot be built: this run fails, the sweep goes on
+            params = None
+            result.update(status="failed", reason=f"building the model: {type(exc).__name__}: {exc}",
+                          traceback=traceback.format_exc())
+        if params is None:
+            pass
+        elif params > self.max_params:
             result.update(status="skipped", reason=f"{params:,} trainable parameters exceed "
                           f"--max-params {self.max_params:,}", params={"trainable": params}, budgets=self.budgets())
         else:

@@ -5,6 +5,8 @@ moment leaves either a whole result or none. The table has a fixed, declared col
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import math
@@ -15,6 +17,7 @@ import subprocess
 import tempfile
 import unicodedata
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -104,11 +107,15 @@ def write_json_atomic(path: Path, obj: dict) -> None:
 
 
 def check_writable(out: Path) -> None:
-    """Fail early, before any training, if results cannot be written under ``out``."""
+    """Fail early, before any training, if results cannot be written under ``out`` (the run
+    files in ``runs/`` and the tables beside it)."""
     try:
         (out / "runs").mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out / "runs"):
-            pass
+        for folder in (out / "runs", out):
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        if not os.access(out, os.W_OK):  # root writes anywhere: the check above is the real one
+            raise PermissionError(13, "Permission denied")
     except OSError as exc:
         raise MtlbenchError(f"cannot write results to {str(out)!r}: {exc.strerror or exc}") from None
 
@@ -227,13 +234,41 @@ def table(runs: list[dict], ignore: tuple[str, ...] = ()) -> pd.DataFrame:
                           kind="stable").reset_index(drop=True)
 
 
-def write_tables(folder: Path, df: pd.DataFrame) -> None:
-    """``results.csv`` (and ``results.parquet``), atomically replaced."""
-    for name, writer in (("results.csv", lambda p: df.to_csv(p, index=False)),
-                         ("results.parquet", lambda p: df.to_parquet(p, index=False))):
-        tmp = folder / f".tmp-{name}"
-        writer(tmp)
-        os.replace(tmp, folder / name)
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (created if needed), held for the ``with`` block."""
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def refresh_tables(folder: Path, warn=print) -> pd.DataFrame:
+    """Rebuild ``results.csv`` and ``results.parquet`` from the run files on disk now.
+
+    Under a lock, so that writers queue and each writes what is on disk at its turn (an older
+    snapshot can never replace a newer one); through unique temporary names, each replaced
+    atomically; leftovers of writers killed mid-way are removed first. The two files are
+    replaced one after the other: a kill between the two leaves the CSV one rebuild ahead,
+    until the next refresh (every ``mtlbench run`` starts and ends with one)."""
+    folder = Path(folder)
+    with locked(folder / ".tables.lock"):
+        for orphan in folder.glob(".tmp-results*"):
+            orphan.unlink(missing_ok=True)
+        df = table(load_runs(folder, warn=warn))
+        for name, writer in (("results.parquet", lambda p: df.to_parquet(p, index=False)),
+                             ("results.csv", lambda p: df.to_csv(p, index=False))):
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-results-", suffix=".part")
+            os.close(fd)
+            try:
+                writer(tmp)
+                os.replace(tmp, folder / name)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+    return df
 
 
 def summary(df: pd.DataFrame) -> str:

@@ -315,3 +315,101 @@ def test_time_budget_skips_with_the_measured_step_and_a_larger_budget_runs_it(tm
     assert main(args) == 0  # no budget: it runs
     (run,) = results.load_runs(tmp_path)
     assert run["status"] == "ok"
+
+
+COUNTING_RUNNER = """
+import sys
+from mtlbench import harness
+from mtlbench.cli import main
+log, real = sys.argv[1], harness.execute
+
+def counted(cfg, *args, **kwargs):
+    with open(log, "a") as f:
+        f.write(cfg.key() + "\\n")
+    return real(cfg, *args, **kwargs)
+
+harness.execute = counted
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_two_concurrent_sweeps_into_one_folder_never_train_a_run_twice(tmp_path):
+    runner = tmp_path / "runner.py"
+    runner.write_text(COUNTING_RUNNER)
+    args = ["run", "--methods", "hard,tr,stl", "--tasks", "2,3", "--seed", "0,1", "--out", str(tmp_path / "out"),
+            *TINY_ARGS]
+    procs = [subprocess.Popen([sys.executable, str(runner), str(tmp_path / "trained.log"), *args],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    trained = (tmp_path / "trained.log").read_text().split()
+    assert len(trained) == len(set(trained)) == 12  # every run trained exactly once
+    assert main(args) == 0  # a third sweep collects everything and trains nothing
+    assert len((tmp_path / "trained.log").read_text().split()) == 12
+    df = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert len(df) == 12 and len(pd.read_parquet(tmp_path / "out" / "results.parquet")) == 12
+
+
+def test_a_dead_claim_is_taken_over_and_a_live_one_respected(tmp_path):
+    sweep = harness.Sweep(tmp_path, 10 ** 9, warn=lambda m: None)
+    claims = tmp_path / "runs" / ".claims"
+    claims.mkdir()
+    (claims / "deadbeef0000.claim").write_text(json.dumps({"pid": 2 ** 22 + 12345, "host": __import__("socket").gethostname()}))
+    with sweep.claim("deadbeef0000") as mine:
+        assert mine  # its process is gone
+    (claims / "cafe00000000.claim").write_text(json.dumps({"pid": 1, "host": __import__("socket").gethostname()}))
+    with sweep.claim("cafe00000000") as mine:
+        assert not mine  # PID 1 is alive
+    assert (claims / "cafe00000000.claim").exists()
+
+
+def test_concurrent_table_writers_queue_and_leave_complete_consistent_tables(tmp_path):
+    import threading
+    assert main(["run", "--methods", "hard,stl", "--tasks", "2", "--seed", "0,1,2", "--out", str(tmp_path),
+                 *TINY_ARGS]) == 0
+    (tmp_path / ".tmp-results-orphan.part").write_text("left by a killed writer")
+    errors = []
+
+    def write():
+        try:
+            results.refresh_tables(tmp_path, warn=lambda m: None)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(pd.read_csv(tmp_path / "results.csv")) == 6 == len(pd.read_parquet(tmp_path / "results.parquet"))
+    assert not list(tmp_path.glob(".tmp-results*"))  # no orphans left
+
+
+def test_a_diverged_run_is_recorded_as_failed_with_its_reason(tmp_path, capsys):
+    assert main(["run", "--methods", "hard", "--tasks", "2", "--lr", "1e9", "--out", str(tmp_path), *TINY_ARGS,
+                 "--steps-per-task", "20"]) == 0
+    (run,) = results.load_runs(tmp_path)
+    assert run["status"] == "failed" and "diverged" in run["reason"]
+
+
+def test_impossible_backbone_widths_are_one_line_before_any_run(tmp_path, capsys):
+    code = main(["run", "--methods", "hard", "--tasks", "2", "--out", str(tmp_path), *TINY_ARGS,
+                 "-o", "backbone.widths=0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "widths must be positive" in err  # bad input: one line
+
+
+def test_an_output_folder_whose_root_is_not_writable_fails_before_training(tmp_path, capsys):
+    import os
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    out.chmod(0o555)
+    try:
+        assert main(["run", "--methods", "hard", "--tasks", "2", "--out", str(out), *TINY_ARGS]) == 2
+        assert "cannot write results" in capsys.readouterr().err
+    finally:
+        out.chmod(0o755)
