@@ -10,7 +10,8 @@ Expected layout under the data root (torchvision's)::
 
 Only the split being read (and ``batches.meta``) must be present. With ``verify`` (the
 default) each file is checked against torchvision's published MD5; a truncated or altered
-file is an error naming it. Tasks, in order: torchvision's class order (airplane,
+file is an error naming it. The files are Python pickles, which can run code when loaded, so
+``verify=false`` is refused unless ``--trust-data`` is given too. Tasks, in order: torchvision's class order (airplane,
 automobile, bird, cat, deer, dog, frog, horse, ship, truck), about 10% positives each.
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ class CifarTasks(VisionTaskDataset):
     # passes than digits for a small CNN; 10 epochs is about 7,000 batches per task.
     default_budget = {"epochs": 10}
     default_pos_weight = "auto"  # one-vs-rest
+    pickled = True
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
     def load(self):
@@ -61,8 +63,9 @@ class CifarTasks(VisionTaskDataset):
         if self.config.verify and not absent:
             for f, md5 in files:
                 if not check_integrity(str(folder / f), md5):
-                    raise MtlbenchError(f"{self.name}: {str(folder / f)!r} fails its MD5 check (corrupt or "
-                                        "truncated); delete it and download again, or pass -o dataset.verify=false")
+                    raise MtlbenchError(f"{self.name}: {str(folder / f)!r} fails its MD5 check (corrupt, "
+                                        "truncated or altered); delete it and download it again. It is a Python "
+                                        "pickle, so it is not loaded unverified: a planted one would run code")
         with reading(folder / files[0][0], self.name):
             data = one_split_reader(cls)(str(self.root), train=train, download=self.download)
             images = torch.from_numpy(data.data).permute(0, 3, 1, 2)

@@ -20,16 +20,28 @@ with T tasks each has about 1/T positives.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
 
+from mtlbench.errors import MtlbenchError
 from mtlbench.registry import register_dataset
 from mtlbench.vision import VisionConfig, VisionTaskDataset, decode_image, missing, one_vs_rest, reading
 
 TRAIN_DRAWERS = range(1, 16)
+FILE_NAME = re.compile(r"\d+_(\d+)")
+
+
+def drawer(path: Path) -> int:
+    """The drawer number of ``<id>_<drawer>.png``; any other name is an error naming the file."""
+    match = FILE_NAME.fullmatch(path.stem)
+    if not match:
+        raise MtlbenchError(f"omniglot: unexpected file {str(path)!r} (Omniglot's files are named "
+                            "<id>_<drawer>.png); move it out of the dataset folder")
+    return int(match.group(1))
 
 
 @dataclass
@@ -63,7 +75,10 @@ class Omniglot(VisionTaskDataset):
         with reading(folder / sub, self.name):
             data = _Omniglot(str(self.root), background=self.config.background, download=self.download)
         files = [(Path(data.target_folder) / data._characters[c] / f, c) for f, c in data._flat_character_images]
-        files = [(p, c) for p, c in files if (int(p.stem.split("_")[-1]) in TRAIN_DRAWERS) == (self.split == "train")]
+        if not files:
+            raise MtlbenchError(f"{self.name}: no character images under {str(folder / sub)!r} (expected "
+                                "<alphabet>/<character>/<id>_<drawer>.png); the folder is empty or incomplete")
+        files = [(p, c) for p, c in files if (drawer(p) in TRAIN_DRAWERS) == (self.split == "train")]
         size = self.config.image_size or self.default_size
         images = torch.empty(len(files), 1, size, size, dtype=torch.uint8)
         for i, (path, _) in enumerate(files):

@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=DEFAULT_OUT, help="results folder (reruns resume in it)")
     r.add_argument("--data-root", default=None, help="dataset folder (default $MTLBENCH_DATA or ~/.cache/mtlbench)")
     r.add_argument("--download", action="store_true", help="let torchvision download missing files")
+    r.add_argument("--trust-data", action="store_true",
+                   help="with -o dataset.verify=false, also load pickled files (CIFAR) that were not checked "
+                        "against their published MD5. RISK: unpickling a planted or altered file runs arbitrary "
+                        "code as you; use it only for files you made yourself (shorthand for "
+                        "-o dataset.trust_data=true)")
     r.add_argument("--holdout", type=float, default=0.0,
                    help="carve this fraction of --holdout-split off as the evaluation split (seeded)")
     r.add_argument("--holdout-split", default="train", help="the split --holdout carves (train or test)")
@@ -226,7 +231,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     lrs = _number_list(float, "--lr")(args.lr)
     if any(lr <= 0 for lr in lrs):
         raise MtlbenchError(f"--lr must be positive, got {args.lr}")
-    options = parse_options(args.option)
+    options = parse_options(args.option + (["dataset.trust_data=true"] if args.trust_data else []))
     # Store every option with its default filled in: the result is then reproducible from
     # its own file, and a changed default changes the run's key instead of being resumed.
     data_opts = resolved_options(dataset.config_class, options["dataset"], f"dataset {args.dataset!r}")

@@ -43,6 +43,9 @@ class VisionConfig:
     channels: int = 0            # 0 keeps native channels; 3 repeats grayscale to RGB
     only_task_classes: bool = False  # one-vs-rest: keep only images of the selected classes
     verify: bool = True          # check torchvision's published checksums where it has them
+    # Pickled formats (CIFAR) are never loaded unverified unless this is set too: unpickling a
+    # planted file runs its code. Only for files you made yourself (``--trust-data``).
+    trust_data: bool = False
 
 
 def one_vs_rest(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -94,8 +97,12 @@ def reading(path: str | os.PathLike, dataset: str) -> Iterator[None]:
     except MtlbenchError:
         raise
     except Exception as exc:
-        raise MtlbenchError(f"{dataset}: {str(path)!r} is corrupt or truncated ({type(exc).__name__}: "
-                            f"{str(exc)[:120]}); delete it and download it again") from None
+        why = f"{type(exc).__name__}: {str(exc)[:120]}"
+        if not Path(path).exists():  # it never arrived: a download (or an extraction) failed
+            raise MtlbenchError(f"{dataset}: could not get {str(path)!r}: the download failed ({why}); check "
+                                "the network connection, or place the official files there by hand") from None
+        raise MtlbenchError(f"{dataset}: {str(path)!r} is corrupt or truncated ({why}); "
+                            "delete it and download it again") from None
 
 
 def missing(dataset: str, folder: Path, files: list[str], how: str) -> MtlbenchError:
@@ -121,12 +128,17 @@ class VisionTaskDataset(TaskDataset):
     name = ""                    # the registered name, for messages
     max_tasks = 0
     default_size = 0
+    pickled = False              # its files are Python pickles: never loaded unverified without trust_data
 
     def __init__(self, root: str | None = None, split: str = "train", num_tasks: int = 10,
                  config: VisionConfig | None = None, download: bool = False,
                  task_names: list[str] | None = None) -> None:
         self.config = config or self.config_class()
         check_split(split, self.splits, self.name)
+        if self.pickled and not self.config.verify and not self.config.trust_data:
+            raise MtlbenchError(f"{self.name}: its files are Python pickles, which run code when loaded, so they "
+                                "are always checked against their published MD5; -o dataset.verify=false is "
+                                "refused unless --trust-data is given too (only for files you made yourself)")
         self.root, self.split, self.download = data_root(root), split, download
         key = (type(self).__name__, str(self.root), split, self.config.image_size, self.config.channels,
                self.config.verify)

@@ -17,6 +17,7 @@ from mtlbench.vision import VisionConfig
 import fakedata
 
 NOCHECK = VisionConfig(verify=False)
+TRUSTED = VisionConfig(verify=False, trust_data=True)  # pickled formats: unverified only when trusted
 
 
 @pytest.fixture(autouse=True)
@@ -93,26 +94,62 @@ def test_more_tasks_than_available_and_task_names(tmp_path):
 def test_cifar(tmp_path, hundred):
     name = "cifar100" if hundred else "cifar10"
     fakedata.write_cifar(tmp_path, hundred, [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]], [9, 8, 7])
-    train = make(name, tmp_path, "train", num_tasks=100 if hundred else 10, config=NOCHECK)
-    test = make(name, tmp_path, "test", num_tasks=5, config=NOCHECK)
+    train = make(name, tmp_path, "train", num_tasks=100 if hundred else 10, config=TRUSTED)
+    test = make(name, tmp_path, "test", num_tasks=5, config=TRUSTED)
     assert len(train) == 10 and train.images.shape == (10, 3, 32, 32)
     assert torch.equal(train.labels.argmax(dim=1), torch.arange(10))
     assert len(test) == 3 and test.num_tasks == 5 and test.labels.sum() == 0  # 9, 8, 7 are past task 5
     assert test.task_names == ([f"class{i:02d}" for i in range(5)] if hundred else
                                ["airplane", "automobile", "bird", "cat", "deer"])
     with pytest.raises(MtlbenchError, match=f"offers 1 to {100 if hundred else 10} tasks"):
-        make(name, tmp_path, "test", num_tasks=101 if hundred else 11, config=NOCHECK)
+        make(name, tmp_path, "test", num_tasks=101 if hundred else 11, config=TRUSTED)
 
 
 def test_cifar_missing_corrupt_and_checksum(tmp_path):
     with pytest.raises(MtlbenchError, match="missing test_batch, batches.meta"):
-        make("cifar10", tmp_path, "test", config=NOCHECK)
+        make("cifar10", tmp_path, "test", config=TRUSTED)
     folder = fakedata.write_cifar(tmp_path, False, [[0]] * 5, [1, 2])
     with pytest.raises(MtlbenchError, match="test_batch' fails its MD5 check"):
         make("cifar10", tmp_path, "test")  # the fake file is not the published one
     (folder / "test_batch").write_bytes((folder / "test_batch").read_bytes()[:50])
     with pytest.raises(MtlbenchError, match="corrupt or truncated"):
-        make("cifar10", tmp_path, "test", config=NOCHECK)
+        make("cifar10", tmp_path, "test", config=TRUSTED)
+
+
+def test_cifar_pickles_are_never_loaded_unverified_without_trust(tmp_path):
+    """A planted pickle runs code when loaded: verify=false alone is refused, and the MD5
+    error does not suggest skipping the check."""
+    folder = fakedata.write_cifar(tmp_path, False, [[0]] * 5, [1, 2])
+    marker = tmp_path / "ran"
+
+    class Planted:
+        def __reduce__(self):
+            return (marker.touch, ())
+
+    import pickle
+    pickle.dump(Planted(), open(folder / "test_batch", "wb"))
+    with pytest.raises(MtlbenchError, match="fails its MD5 check") as err:
+        make("cifar10", tmp_path, "test")
+    assert "verify=false" not in str(err.value) and not marker.exists()
+    for name in ("cifar10", "cifar100"):
+        with pytest.raises(MtlbenchError, match="pickles.*refused unless --trust-data"):
+            make(name, tmp_path, "test", config=NOCHECK)
+    assert not marker.exists()
+    with pytest.raises(MtlbenchError):  # explicitly trusted: loaded, and the plant ran (what the flag risks)
+        make("cifar10", tmp_path, "test", config=TRUSTED)
+    assert marker.exists()
+
+
+def test_cli_trust_data_flag_sets_the_option_and_says_the_risk(tmp_path, capsys):
+    from mtlbench.cli import main
+    fakedata.write_cifar(tmp_path, False, [[0]] * 5, [1, 2])
+    args = ["run", "--dataset", "cifar10", "--data-root", str(tmp_path), "--out", str(tmp_path / "o"),
+            "-o", "dataset.verify=false", "--holdout", "0.5", "--holdout-split", "test"]
+    assert main(args) == 2
+    assert "refused unless --trust-data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "runs arbitrary code" in " ".join(capsys.readouterr().out.split())
 
 
 # ---------------------------------------------------------------- CelebA
@@ -183,6 +220,31 @@ def test_omniglot_missing_and_corrupt(tmp_path):
     (folder / "Alpha" / "character01" / "0000_03.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(MtlbenchError, match="0000_03.png' is corrupt"):
         make("omniglot", tmp_path, "train", num_tasks=1)
+
+
+def test_omniglot_empty_tree_and_stray_file(tmp_path):
+    (tmp_path / "omniglot-py" / "images_background").mkdir(parents=True)
+    with pytest.raises(MtlbenchError, match="no character images under"):
+        make("omniglot", tmp_path, "train", num_tasks=1)
+    folder = fakedata.write_omniglot(tmp_path, {"Alpha": ["character01"]}, drawers=3)
+    (folder / "Alpha" / "character01" / "0000_01 copy.png").write_bytes(
+        (folder / "Alpha" / "character01" / "0000_01.png").read_bytes())
+    with pytest.raises(MtlbenchError, match="unexpected file .*0000_01 copy.png"):
+        make("omniglot", tmp_path, "train", num_tasks=1)
+
+
+def test_failed_download_says_so(tmp_path, monkeypatch):
+    """No network: the error says the download failed, not that a file is corrupt."""
+    import urllib.error
+    import torchvision
+
+    def offline(self):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
+    with pytest.raises(MtlbenchError, match="the download failed .*URLError.*network") as err:
+        make("mnist", tmp_path, "test", download=True)
+    assert "corrupt" not in str(err.value)
 
 
 # ---------------------------------------------------------------- through the CLI
