@@ -371,10 +371,12 @@ def _readme(title: str, runs: list[dict], df: pd.DataFrame, agg: pd.DataFrame, f
                   "values with the best mean validation score were kept and their test scores reported. Every "
                   "method was tuned over the values below; the test split took no part in the choice.", "",
                   _md_table(tuning_table(df)), ""]
-    lines += ["## Results", "", _md_table(summary_table(agg, metric)), "",
-              "## How cost grows with the number of tasks", "",
-              "Ratios of the largest-T to the smallest-T value of each series (1.00 = flat).", "",
-              _md_table(growth_table(agg)), ""]
+    lines += ["## Results", "", _md_table(summary_table(agg, metric)), ""]
+    growth = growth_table(agg)
+    if len(growth):  # only when some series spans several T
+        lines += ["## How cost grows with the number of tasks", "",
+                  "Ratios of the largest-T to the smallest-T value of each series (1.00 = flat).", "",
+                  _md_table(growth), ""]
     skipped = df[df["status"] != "ok"]
     if len(skipped):
         lines += ["## Skipped or failed runs", "", _md_table(skipped[["label", "tasks", "seed", "status", "reason"]]), ""]
