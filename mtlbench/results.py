@@ -208,16 +208,33 @@ def delta_m(values: list[float], reference: list[float]) -> float:
 def add_delta_m(runs: list[dict], ignore: tuple[str, ...] = ()) -> None:
     """Fill ``delta_m`` (every metric of :data:`DELTA_M_METRICS`) in each ok run against the
     registry's reference method run in the same setting (``mtlbench.config.reference_key``;
-    options in ``ignore`` were tuned on validation and may differ)."""
+    options in ``ignore`` were tuned on validation and may differ) and of the same seed, or
+    the reference's mean over its seeds when that seed has no reference run."""
     ref_method = METHODS.reference
     ignore = tuple(n for n in ignore if not n.startswith("method."))
-    refs = {reference_key(r["config"], ignore): r["metrics"] for r in runs
-            if r["config"]["method"] == ref_method and r.get("status") == "ok"}
+    refs: dict[str, dict[int, dict]] = {}  # reference key -> seed -> metrics
     for r in runs:
-        ref = refs.get(reference_key(r["config"], ignore))
+        if r["config"]["method"] == ref_method and r.get("status") == "ok":
+            refs.setdefault(reference_key(r["config"], ignore), {})[r["config"]["seed"]] = r["metrics"]
+    for r in runs:
+        ref = _reference_metrics(refs.get(reference_key(r["config"], ignore)), r["config"]["seed"])
         ok = ref is not None and r.get("status") == "ok"
         r["delta_m"] = {name: delta_m(r["metrics"][name], ref[name]) if ok and name in ref and name in r["metrics"]
                         else None for name in DELTA_M_METRICS}
+
+
+def _reference_metrics(by_seed: dict[int, dict] | None, seed: int) -> dict | None:
+    """The reference run of the same seed; without one, the per-task mean over its seeds."""
+    if not by_seed:
+        return None
+    if seed in by_seed:
+        return by_seed[seed]
+    out = {}
+    for name in DELTA_M_METRICS:
+        values = [m[name] for m in by_seed.values() if name in m]
+        if values and len({len(v) for v in values}) == 1:
+            out[name] = np.nanmean(np.asarray(values, float), axis=0).tolist()
+    return out
 
 
 def table(runs: list[dict], ignore: tuple[str, ...] = ()) -> pd.DataFrame:

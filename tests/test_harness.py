@@ -214,6 +214,23 @@ def test_precisions_are_separate_settings_with_their_own_stl_reference(tmp_path,
         assert hard["delta_m"]["accuracy"] == pytest.approx(expected)
 
 
+def test_delta_m_pairs_each_seed_with_the_reference_of_that_seed():
+    """With several seeds, a run is compared with the reference run of its own seed (so the
+    reference's own Δm is exactly 0), or with the reference's per-task mean over its seeds."""
+    def run(method, seed, accs):
+        config = RunConfig(method=method, tasks=2, seed=seed).to_dict()
+        return {"config": config, "status": "ok", "metrics": {name: list(accs) for name in results.DELTA_M_METRICS}}
+
+    stl = [run("stl", 0, [0.8, 0.6]), run("stl", 1, [0.9, 0.7])]
+    hard = [run("hard", 0, [0.8, 0.66]), run("hard", 1, [0.9, 0.7]), run("hard", 2, [0.85, 0.65])]
+    runs = stl + hard
+    results.add_delta_m(runs)
+    assert [r["delta_m"]["accuracy"] for r in stl] == [0.0, 0.0]
+    assert hard[0]["delta_m"]["accuracy"] == pytest.approx(5.0)   # (0 + 10%) / 2 against seed 0
+    assert hard[1]["delta_m"]["accuracy"] == pytest.approx(0.0)   # against seed 1
+    assert hard[2]["delta_m"]["accuracy"] == pytest.approx(0.0)   # no stl seed 2: the mean [0.85, 0.65]
+
+
 def test_delta_m_needs_the_reference_on_the_same_tasks(tmp_path, capsys):
     """The issue's case: hard on task0007,task0009 must not be compared with stl on task0000,task0001."""
     assert main(["run", "--methods", "stl", "--task-names", "task0000,task0001", "--out", str(tmp_path),
