@@ -36,25 +36,32 @@ def colour(method: str) -> str:
 
 
 def _series(agg: pd.DataFrame):
-    """(label, method, rows sorted by tasks, line style) for each series with two or more T."""
+    """(label, colour, rows sorted by tasks, line style) for each series with two or more T.
+    A method's colour comes from its name; when one method has all the series (a sweep of its
+    weightings or options), they take the palette's colours in label order instead."""
+    shown = [(label, rows) for label, rows in agg.groupby("label", sort=True)
+             if rows["tasks"].nunique() >= 2 or agg["tasks"].nunique() < 2]  # else: the option figure
+    one_method = len({rows["method"].iloc[0] for _, rows in shown}) == 1 and len(shown) > 1
     styles: dict[str, int] = {}
-    for label, rows in agg.groupby("label", sort=True):
-        if rows["tasks"].nunique() < 2 and agg["tasks"].nunique() > 1:
-            continue  # an option probed at one T only: it belongs to the accuracy-vs-option figure
+    for i, (label, rows) in enumerate(shown):
         method = rows["method"].iloc[0]
-        styles[method] = styles.get(method, -1) + 1
-        yield label, method, rows.sort_values("tasks"), STYLES[styles[method] % len(STYLES)]
+        if one_method:
+            paint, style = PALETTE[i % len(PALETTE)], STYLES[i // len(PALETTE) % len(STYLES)]
+        else:
+            styles[method] = styles.get(method, -1) + 1
+            paint, style = colour(method), STYLES[styles[method] % len(STYLES)]
+        yield label, paint, rows.sort_values("tasks"), style
 
 
-def _line(ax, rows, metric: str, label: str, method: str, style: str, scale: float = 1.0,
+def _line(ax, rows, metric: str, label: str, paint: str, style: str, scale: float = 1.0,
           band: bool = True) -> None:
     """One series; ``band`` shades the 95% CI across seeds (metrics only: the spread of
     timings and parameter counts across seeds is not a sampling interval worth drawing)."""
     x, y = rows["tasks"], rows[f"{metric}_mean"] * scale
-    ax.plot(x, y, style, marker="o", ms=3, color=colour(method), label=label)
+    ax.plot(x, y, style, marker="o", ms=3, color=paint, label=label)
     ci = rows[f"{metric}_ci95"] * scale
     if band and ci.notna().any():
-        ax.fill_between(x, y - ci.fillna(0), y + ci.fillna(0), color=colour(method), alpha=0.15, lw=0)
+        ax.fill_between(x, y - ci.fillna(0), y + ci.fillna(0), color=paint, alpha=0.15, lw=0)
 
 
 def _task_axis(ax, agg) -> None:
@@ -65,12 +72,22 @@ def _task_axis(ax, agg) -> None:
     ax.set_xlabel("number of tasks T")
 
 
+def _log_y(ax) -> None:
+    """A log y axis where something positive was drawn; otherwise a note that nothing was
+    measured (e.g. every run of the folder skipped on its budget before inference)."""
+    if any(np.isfinite(y := np.asarray(line.get_ydata(), float)).any() and (y[np.isfinite(y)] > 0).any()
+           for line in ax.get_lines()):
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no measurements (no completed runs)", transform=ax.transAxes, ha="center", va="center")
+
+
 def fig_accuracy_vs_tasks(agg, runs, metric):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     second = "accuracy" if metric != "accuracy" else "balanced_accuracy"
     for ax, m in zip(axes, [metric, second]):
-        for label, method, rows, style in _series(agg):
-            _line(ax, rows, f"mean_{m}", label, method, style, 100)
+        for label, paint, rows, style in _series(agg):
+            _line(ax, rows, f"mean_{m}", label, paint, style, 100)
         ax.set(ylabel=f"mean {METRIC_NAMES[m]} (%)")
         _task_axis(ax, agg)
         ax.grid(alpha=0.3)
@@ -81,10 +98,10 @@ def fig_accuracy_vs_tasks(agg, runs, metric):
 
 def fig_params_vs_tasks(agg, runs, metric):
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for label, method, rows, style in _series(agg):
-        _line(ax, rows, "params_trainable", label, method, style, band=False)
-    ax.set(yscale="log", ylabel="trainable parameters (count)",
-           title="Trainable parameters vs number of tasks (measured)")
+    for label, paint, rows, style in _series(agg):
+        _line(ax, rows, "params_trainable", label, paint, style, band=False)
+    _log_y(ax)
+    ax.set(ylabel="trainable parameters (count)", title="Trainable parameters vs number of tasks (measured)")
     _task_axis(ax, agg)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
@@ -96,9 +113,10 @@ def fig_throughput_vs_tasks(agg, runs, metric):
     for ax, m, name in zip(axes, ["train_pairs_per_s", "eval_images_per_s"],
                            ["training throughput ((image, task) pairs / s)",
                             "inference throughput (images / s, all T tasks)"]):
-        for label, method, rows, style in _series(agg):
-            _line(ax, rows, m, label, method, style, band=False)
-        ax.set(yscale="log", ylabel=name)
+        for label, paint, rows, style in _series(agg):
+            _line(ax, rows, m, label, paint, style, band=False)
+        _log_y(ax)
+        ax.set(ylabel=name)
         _task_axis(ax, agg)
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
@@ -226,10 +244,11 @@ def fig_step_time_vs_tasks(agg, runs, metric):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, m, name in zip(axes, ["step_seconds", "peak_memory_mb"],
                            ["training step time (s, median)", "peak memory (MB)"]):
-        for label, method, rows, style in _series(agg):
+        for label, paint, rows, style in _series(agg):
             k = slope(rows, m)
-            _line(ax, rows, m, f"{label} (slope {k:.2f})" if not math.isnan(k) else label, method, style, band=False)
-        ax.set(xscale="log", yscale="log", ylabel=name)
+            _line(ax, rows, m, f"{label} (slope {k:.2f})" if not math.isnan(k) else label, paint, style, band=False)
+        _log_y(ax)
+        ax.set(ylabel=name)
         _task_axis(ax, agg)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)

@@ -334,6 +334,18 @@ def test_time_budget_skips_with_the_measured_step_and_a_larger_budget_runs_it(tm
     assert run["status"] == "ok"
 
 
+def test_report_of_a_folder_whose_runs_were_all_skipped_on_time(tmp_path):
+    """Only probe figures exist (the weighting cost sweeps): the report draws step time and
+    memory against T and says there are no measurements where there are none, no traceback."""
+    args = ["run", "--methods", "hard", "--weighting", "ew,mgda", "--tasks", "2,3", "--out", str(tmp_path), *TINY_ARGS]
+    args[args.index("--steps-per-task") + 1] = "50"
+    assert main([*args, "--max-train-seconds", "0.0001"]) == 0
+    assert {r["status"] for r in results.load_runs(tmp_path)} == {"skipped"}
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    readme = (tmp_path / "rep" / "README.md").read_text()
+    assert (tmp_path / "rep" / "step_time_vs_tasks.png").exists() and "step time ∝ T^" in readme
+
+
 COUNTING_RUNNER = """
 import sys
 from mtlbench import harness
