@@ -171,7 +171,9 @@ class GradientWeighting(Weighting):
             trainer.backward(losses.sum(), inputs=specific)
             offset = 0
             for p in shared:
-                p.grad = combined[offset:offset + p.numel()].view_as(p).clone()
+                # In p's own memory layout (channels_last convs): the fused optimisers read a
+                # gradient's memory in the parameter's order, so a plain-layout copy scrambles it.
+                p.grad = torch.empty_like(p).copy_(combined[offset:offset + p.numel()].view(p.shape))
                 offset += p.numel()
         else:  # the Gram matrix block by block, then one more backward pass for the update
             gram = blocked_gram(losses, shared, scale, trainer, max(1, budget // (2 * size)))

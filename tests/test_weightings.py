@@ -240,6 +240,27 @@ def test_gradient_weighting_update_is_the_combination_of_task_gradients():
     assert heads is not None and torch.isfinite(heads).all()
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_unit_coefficients_take_the_same_optimiser_steps_as_ew(monkeypatch, layout):
+    """The combined gradient goes into each parameter in its own memory layout. In
+    channels_last (as runs train), a plain-layout gradient was read by the fused Adam in the
+    parameter's memory order, scrambling every conv's update: this test failed then."""
+    from mtlbench.weightings.pcgrad import PCGrad
+    monkeypatch.setattr(PCGrad, "coefficients", lambda self, gram, losses: torch.ones(len(gram), dtype=torch.float64))
+    x, y = torch.randn(8, 3, 8, 8).contiguous(memory_format=layout), torch.randint(0, 2, (8, 3))
+    after = {}
+    for name in ("ew", "pcgrad"):
+        torch.manual_seed(0)
+        cfg, model = tiny("hard", name)
+        model = model.to(memory_format=layout)
+        trainer = Trainer(model, cfg, 10)
+        for _ in range(3):
+            model.train_step(x, y, [0, 1, 2], trainer)
+        assert all(p.grad.stride() == p.stride() for p in model.parameters())
+        after[name] = [p.detach().clone() for p in model.parameters()]
+    assert max((a - b).abs().max().item() for a, b in zip(after["ew"], after["pcgrad"])) < 1e-4
+
+
 def test_over_the_memory_budget_the_gram_matrix_is_built_in_blocks_with_the_same_update():
     cfg, model = tiny("hard", "nash", tasks=5)
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 2, (8, 5))
