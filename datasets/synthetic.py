@@ -25,6 +25,7 @@ streams from it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -41,11 +42,64 @@ FACTORS_PER_TASK = 2
 
 @dataclass
 class SyntheticConfig:
-    relatedness: float = 0.5
-    num_train: int = 10000
+    regime: str = "default"             # default, transfer, interference, mixed or noisy
+    relatedness: float | None = None    # None: the regime's own (see REGIMES)
+    num_train: int | None = None        # None: the regime's own
     num_test: int = 1000
     image_size: int = 32
     data_seed: int = 0
+    cluster_size: int = 5               # mixed: tasks per cluster
+    noisy_fraction: float = 0.25        # noisy: the fraction of tasks whose labels are corrupted
+    label_noise: float = 0.5            # noisy: each label of a noisy task flips with this chance
+
+
+@dataclass(frozen=True)
+class Regime:
+    """A regime's defaults, and the ordering its construction predicts (for reports)."""
+
+    kind: str             # linear threshold tasks, or XOR of two thresholds
+    relatedness: float
+    num_train: int
+    budget: dict
+    expected: str
+
+
+REGIMES = {
+    "default": Regime("linear", 0.5, 10000, {"epochs": 4},
+                      "no competition: every task reads the same 11 factors, so sharing costs nothing"),
+    "transfer": Regime("linear", 0.7, 400, {"epochs": 30},
+                       "hard > stl: related tasks, 400 training images; the other tasks' labels teach the "
+                       "features one task's labels cannot"),
+    "interference": Regime("xor", 0.0, 4000, {"epochs": 8},
+                           "stl > hard, increasingly with T: each task needs its own nonlinear feature, and "
+                           "a shared trunk must hold all T of them"),
+    "mixed": Regime("xor", 0.8, 4000, {"epochs": 8},
+                    "the best tr σ or cross-stitch > hard and separate: tasks share a feature within a "
+                    "cluster and compete across clusters"),
+    "noisy": Regime("linear", 0.5, 10000, {"epochs": 4},
+                    "under hard, clean tasks lose accuracy as the noisy fraction grows"),
+}
+FACTOR_NAMES = ("round", "simple", "x", "y", "size", "hue_cos", "hue_sin", "background", "stripe_freq",
+                "stripe_cos", "stripe_sin")
+
+
+def resolve(cfg: SyntheticConfig) -> SyntheticConfig:
+    """``cfg`` with the regime's defaults filled in, checked."""
+    if cfg.regime not in REGIMES:
+        raise MtlbenchError(f"synthetic: unknown regime {cfg.regime!r}; valid: {', '.join(REGIMES)}")
+    regime = REGIMES[cfg.regime]
+    cfg = dataclasses.replace(cfg, relatedness=regime.relatedness if cfg.relatedness is None else cfg.relatedness,
+                              num_train=regime.num_train if cfg.num_train is None else cfg.num_train)
+    if not 0.0 <= cfg.relatedness <= 1.0:
+        raise MtlbenchError(f"synthetic: relatedness must be in [0, 1], got {cfg.relatedness}")
+    if cfg.image_size < 8 or min(cfg.num_train, cfg.num_test) < 1:
+        raise MtlbenchError("synthetic: image_size must be >= 8 and num_train, num_test >= 1")
+    if cfg.cluster_size < 1:
+        raise MtlbenchError(f"synthetic: cluster_size must be at least 1, got {cfg.cluster_size}")
+    if not (0.0 <= cfg.noisy_fraction <= 1.0 and 0.0 <= cfg.label_noise <= 0.5):
+        raise MtlbenchError("synthetic: noisy_fraction must be in [0, 1] and label_noise in [0, 0.5], got "
+                            f"{cfg.noisy_fraction} and {cfg.label_noise}")
+    return cfg
 
 
 def _latents(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -107,6 +161,24 @@ def _sparse_directions(n: int, g: torch.Generator) -> torch.Tensor:
     return w / w.norm(dim=1, keepdim=True)
 
 
+# The factors a small CNN reads reliably even from 16-pixel images (position, size, hue,
+# background); the XOR regimes use only these, so that what limits a method there is capacity
+# and interference, not whether a shape or a stripe angle can be seen at all.
+CLEAR_FACTORS = (2, 3, 4, 5, 6, 7)
+
+
+def _direction_pairs(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` pairs of sparse unit vectors on the clear factors, each on ``FACTORS_PER_TASK`` of
+    them, the two of a pair disjoint (so that an XOR of their thresholds stays near balanced)."""
+    clear = torch.tensor(CLEAR_FACTORS)
+    order = clear[torch.rand(n, len(clear), generator=g).argsort(dim=1)]
+    out = []
+    for part in (order[:, :FACTORS_PER_TASK], order[:, FACTORS_PER_TASK:2 * FACTORS_PER_TASK]):
+        w = torch.zeros(n, NUM_FACTORS).scatter_(1, part, torch.randn(n, FACTORS_PER_TASK, generator=g))
+        out.append(w / w.norm(dim=1, keepdim=True))
+    return out[0], out[1]
+
+
 def task_directions(num_tasks: int, relatedness: float, g: torch.Generator) -> torch.Tensor:
     common = _sparse_directions(1, g)
     own = _sparse_directions(MAX_TASKS, g)[:num_tasks]  # drawn in full: task t never depends on T
@@ -114,21 +186,118 @@ def task_directions(num_tasks: int, relatedness: float, g: torch.Generator) -> t
     return w / w.norm(dim=1, keepdim=True)
 
 
-@register_dataset("synthetic", "Generated shapes with latent factors; up to 4096 binary tasks, adjustable relatedness.")
+def _related(base: torch.Tensor, own: torch.Tensor, relatedness: float) -> torch.Tensor:
+    w = math.sqrt(relatedness) * base + math.sqrt(1 - relatedness) * own
+    return w / w.norm(dim=1, keepdim=True)
+
+
+def _quantile_rows(scores: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Column ``j`` of ``scores`` at quantile ``q[j]`` (the thresholds of a reference sample)."""
+    idx = (q * (len(scores) - 1)).round().long()
+    return scores.sort(dim=0).values.gather(0, idx[None]).squeeze(0)
+
+
+@dataclass
+class TaskSet:
+    """The first T tasks of a regime: ``label = (z·a > thr_a)``, XOR ``(z·b > thr_b)`` when
+    ``b`` is given, where z are the standardised factors; then the noisy tasks' labels flip."""
+
+    a: torch.Tensor
+    qa: torch.Tensor | None  # threshold quantiles (None: the median, as the default regime has it)
+    b: torch.Tensor | None = None
+    qb: torch.Tensor | None = None
+    cluster: list[int] | None = None
+    noisy: list[bool] = dataclasses.field(default_factory=list)
+
+    def labels(self, z: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        def side(w, q):
+            thr = (ref @ w.t()).median(dim=0).values if q is None else _quantile_rows(ref @ w.t(), q)
+            return z @ w.t() > thr
+        y = side(self.a, self.qa)
+        return y ^ side(self.b, self.qb) if self.b is not None else y
+
+
+def noisy_tasks(num_tasks: int, fraction: float) -> list[bool]:
+    """Task t is noisy when ``floor((t+1) f) > floor(t f)``: about f of any first T tasks, the
+    same tasks whatever T is, and a larger fraction keeps the smaller one's noisy tasks."""
+    return [math.floor((t + 1) * fraction + 1e-9) > math.floor(t * fraction + 1e-9) for t in range(num_tasks)]
+
+
+def define_tasks(cfg: SyntheticConfig, num_tasks: int, gen) -> TaskSet:
+    """The regime's first ``num_tasks`` tasks; task t never depends on how many are asked for."""
+    regime = REGIMES[cfg.regime]
+    fraction = cfg.noisy_fraction if cfg.regime == "noisy" else 0.0
+    noisy = noisy_tasks(num_tasks, fraction)
+    if regime.kind == "linear":  # the default regime's tasks, drawn from the same stream
+        return TaskSet(task_directions(num_tasks, cfg.relatedness, gen(0)), None, noisy=noisy)
+    g = gen(4)
+    # Each cluster has a base pair of directions and threshold quantiles; a task mixes its own
+    # with its cluster's by the relatedness. ``interference`` is one cluster at relatedness 0.
+    (base_a, base_b), (own_a, own_b) = _direction_pairs(MAX_TASKS, g), _direction_pairs(MAX_TASKS, g)
+    base_q, own_q = 0.3 + 0.4 * torch.rand(MAX_TASKS, 2, generator=g), 0.3 + 0.4 * torch.rand(MAX_TASKS, 2, generator=g)
+    clusters = [t // cfg.cluster_size if cfg.regime == "mixed" else 0 for t in range(num_tasks)]
+    c, r = torch.tensor(clusters), cfg.relatedness
+    q = r * base_q[c] + (1 - r) * own_q[:num_tasks]
+    return TaskSet(_related(base_a[c], own_a[:num_tasks], r), q[:, 0], _related(base_b[c], own_b[:num_tasks], r),
+                   q[:, 1], clusters if cfg.regime == "mixed" else None, noisy)
+
+
+def flip_noisy(labels: torch.Tensor, noisy: list[bool], p: float, seed: int) -> torch.Tensor:
+    """Flip each label of a noisy task with chance ``p``; one stream per task and split."""
+    labels = labels.clone()
+    for t in (i for i, flag in enumerate(noisy) if flag):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + t)
+        labels[:, t] ^= torch.rand(len(labels), generator=g) < p
+    return labels
+
+
+def describe(tasks: TaskSet, cfg: SyntheticConfig, names: list[str]) -> list[dict]:
+    """Each task's ground truth: its kind, the factors and weights it reads, cluster, noise."""
+    def weights(w):
+        return {FACTOR_NAMES[i]: round(float(w[i]), 4) for i in w.nonzero().flatten().tolist()}
+    out = []
+    for t, name in enumerate(names):
+        info = {"task": name, "kind": "xor" if tasks.b is not None else "linear", "a": weights(tasks.a[t]),
+                "quantile_a": 0.5 if tasks.qa is None else round(float(tasks.qa[t]), 4)}
+        if tasks.b is not None:
+            info.update(b=weights(tasks.b[t]), quantile_b=round(float(tasks.qb[t]), 4))
+        info["factors"] = sorted(set(info["a"]) | set(info.get("b", {})), key=FACTOR_NAMES.index)
+        info["cluster"] = None if tasks.cluster is None else tasks.cluster[t]
+        info["noisy"], info["label_noise"] = tasks.noisy[t], cfg.label_noise if tasks.noisy[t] else 0.0
+        out.append(info)
+    return out
+
+
+def true_factors(config: SyntheticConfig, split: str) -> torch.Tensor:
+    """The standardised factors ``[N, 11]`` of ``split``'s images, in image order (for probes:
+    what a model that read the factors perfectly would see)."""
+    cfg = resolve(config)
+    gen = lambda k: torch.Generator().manual_seed(cfg.data_seed * 10 + k)  # noqa: E731
+    ref = _factors(_latents(4096, gen(1)))
+    z = _latents(cfg.num_train if split == "train" else cfg.num_test, gen(2 if split == "train" else 3))
+    return (_factors(z) - ref.mean(dim=0)) / ref.std(dim=0)
+
+
+@register_dataset("synthetic", "Generated shapes with latent factors; up to 4096 binary tasks; regimes: "
+                  "default, transfer, interference, mixed, noisy.")
 class Synthetic(TaskDataset):
     config_class = SyntheticConfig
     max_tasks = MAX_TASKS
-    # Doubling it moves each method's mean balanced accuracy by less than a point (the README
-    # has the measurements); half of it does not converge.
-    default_budget = {"epochs": 4}
+    # The default regime's budget. Doubling it moves each method's mean balanced accuracy by
+    # less than a point (the README has the measurements); half of it does not converge.
+    default_budget = REGIMES["default"].budget
     default_pos_weight = "none"  # about 50% positives: the weight would be about 1
     mean = (0.42, 0.42, 0.42)
     std = (0.22, 0.22, 0.22)
 
+    @classmethod
+    def budget_for(cls, config: SyntheticConfig) -> dict:
+        return dict(REGIMES[resolve(config).regime].budget)
+
     def __init__(self, root: str | None = None, split: str = "train", num_tasks: int = 40,
                  config: SyntheticConfig | None = None, download: bool = False,
                  task_names: list[str] | None = None) -> None:
-        cfg = config or SyntheticConfig()
+        cfg = resolve(config or SyntheticConfig())
         check_split(split, self.splits, "synthetic")
         all_names = [f"task{t:04d}" for t in range(MAX_TASKS)]
         if task_names:  # generate up to the highest named task, then pick the named ones
@@ -137,24 +306,32 @@ class Synthetic(TaskDataset):
                 raise MtlbenchError(f"synthetic has no task {bad[0]!r}; tasks are task0000 ... task{MAX_TASKS - 1:04d}")
             num_tasks = max(all_names.index(n) for n in task_names) + 1
         check_num_tasks(num_tasks, MAX_TASKS, "synthetic")
-        if not 0.0 <= cfg.relatedness <= 1.0:
-            raise MtlbenchError(f"synthetic: relatedness must be in [0, 1], got {cfg.relatedness}")
-        if cfg.image_size < 8 or min(cfg.num_train, cfg.num_test) < 1:
-            raise MtlbenchError("synthetic: image_size must be >= 8 and num_train, num_test >= 1")
         self.config = cfg
         # Independent streams: task definitions, reference sample, and each split.
         gen = lambda k: torch.Generator().manual_seed(cfg.data_seed * 10 + k)  # noqa: E731
         ref = _factors(_latents(4096, gen(1)))
         loc, scale = ref.mean(dim=0), ref.std(dim=0)
-        directions = task_directions(num_tasks, cfg.relatedness, gen(0))
-        thresholds = (((ref - loc) / scale) @ directions.t()).median(dim=0).values
+        tasks = define_tasks(cfg, num_tasks, gen)
         g = gen(2 if split == "train" else 3)
         z = _latents(cfg.num_train if split == "train" else cfg.num_test, g)
-        scores = ((_factors(z) - loc) / scale) @ directions.t()
         self.images = render(z, cfg.image_size, g)
-        self.labels = (scores > thresholds).to(torch.uint8)
+        labels = tasks.labels((_factors(z) - loc) / scale, (ref - loc) / scale)
+        labels = flip_noisy(labels, tasks.noisy, cfg.label_noise, cfg.data_seed * 2 + (split == "test"))
+        self.labels = labels.to(torch.uint8)
         self.task_names = all_names[:num_tasks]
+        self.task_info = describe(tasks, cfg, self.task_names)
         if task_names:
             idx = [all_names.index(n) for n in task_names]
             self.labels, self.task_names = self.labels[:, idx], list(task_names)
+            self.task_info = [self.task_info[i] for i in idx]
+        self.task_groups = self._groups()
         self.split = split
+
+    def _groups(self) -> dict[str, list[str]]:
+        """The ground-truth groupings a report breaks per-task scores down by."""
+        groups = {}
+        if self.task_info and self.task_info[0]["cluster"] is not None:
+            groups["cluster"] = [f"cluster {i['cluster']}" for i in self.task_info]
+        if any(i["noisy"] for i in self.task_info):
+            groups["noise"] = ["noisy" if i["noisy"] else "clean" for i in self.task_info]
+        return groups

@@ -124,6 +124,11 @@ def _coerce(value: object, hint: object, what: str) -> object:
     """Turn a CLI string into the field's type (int, float, bool, str, tuple of ints)."""
     if not isinstance(value, str):
         return value
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if type(None) in typing.get_args(hint) and len(args) == 1:  # ``X | None``: read as X
+        if value.lower() == "none":
+            return None
+        hint = args[0]
     origin = typing.get_origin(hint)
     try:
         if hint is bool:

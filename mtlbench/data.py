@@ -31,6 +31,16 @@ class TaskDataset(Dataset):
     default_budget: dict = {"epochs": 10}
     # BCE positive weighting by default: "auto" (negatives over positives) or "none".
     default_pos_weight: str = "none"
+    # Ground truth a dataset may know about its tasks (generated ones do): one dict per task,
+    # and named groupings (``{"cluster": ["cluster 0", ...]}``) that reports break scores down by.
+    task_info: list[dict] = []
+    task_groups: dict[str, list[str]] = {}
+
+    @classmethod
+    def budget_for(cls, config: object) -> dict:
+        """The default budget under dataset options ``config`` (a dataset whose options change
+        how much training it needs, such as a regime, overrides this)."""
+        return dict(cls.default_budget)
 
     def __len__(self) -> int:
         return len(self.images)

@@ -130,13 +130,19 @@ def resolve_budget(cfg: RunConfig) -> RunConfig:
     if cfg.epochs is not None and cfg.steps_per_task is not None:
         raise MtlbenchError("give the budget as --epochs or as --steps-per-task, not both")
     if cfg.epochs is None and cfg.steps_per_task is None:
-        default = DATASETS.get(cfg.dataset).default_budget
+        default = dataset_budget(cfg)
         cfg = dataclasses.replace(cfg, epochs=default.get("epochs"), steps_per_task=default.get("steps_per_task"))
     if cfg.epochs is not None and not (cfg.epochs > 0 and math.isfinite(cfg.epochs)):
         raise MtlbenchError(f"--epochs must be a positive number, got {cfg.epochs}")
     if cfg.steps_per_task is not None and cfg.steps_per_task < 1:
         raise MtlbenchError(f"--steps-per-task must be at least 1, got {cfg.steps_per_task}")
     return cfg
+
+
+def dataset_budget(cfg: RunConfig) -> dict:
+    """The budget ``cfg.dataset`` declares for its options."""
+    cls = DATASETS.get(cfg.dataset)
+    return cls.budget_for(make_config(cls.config_class, cfg.dataset_options, f"dataset {cfg.dataset!r}"))
 
 
 def make_budget(cfg: RunConfig, train_size: int) -> Budget:
@@ -398,7 +404,7 @@ def train(model: Method, batches: Batches, cfg: RunConfig, budget: Budget, val: 
         "budget": {"batches_per_task": budget.batches_per_task, "batches_per_epoch": budget.per_epoch,
                    "epochs": budget.total_epochs,
                    "given_as": "epochs" if budget.epochs is not None else "steps_per_task",
-                   "dataset_default": DATASETS.get(cfg.dataset).default_budget},
+                   "dataset_default": dataset_budget(cfg)},
         "lr_schedule": {"name": cfg.lr_schedule, "warmup": cfg.warmup, "base_lr": cfg.lr},
         "optimizer_impl": optimizer_impl(trainer.optimizer), "curve": curve, "stopped_early": stopped,
         "selection": None if best is None else {
@@ -531,6 +537,6 @@ def execute(cfg: RunConfig, data: Splits, progress: Callable[[int], None] | None
                  "positive_rate_test": test_set.positive_rate(),
                  "pos_weight": None if pos_weight is None else pos_weight.tolist(),
                  "num_train": len(train_set), "num_val": len(val_set) if val_set is not None else 0,
-                 "num_test": len(test_set),
+                 "num_test": len(test_set), "task_groups": test_set.task_groups, "task_info": test_set.task_info,
                  "options": dataclasses.asdict(train_set.config) if hasattr(train_set, "config") else {}},
     }

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from mtlbench import results  # noqa: E402
+from mtlbench import breakdown, results  # noqa: E402
 from mtlbench.aggregate import aggregate, option_value, select_val  # noqa: E402
 from mtlbench.errors import MtlbenchError  # noqa: E402
 from mtlbench.registry import METHODS  # noqa: E402
@@ -338,12 +338,13 @@ def write_report(results_dir: Path, out: Path, title: str | None = None, warn=pr
         df = results.table(runs, ignore=tuple(tune)).merge(
             chosen[["key", "tuned_group", "tuned_over", "tuned_values", "chosen"]], on="key")
     agg = aggregate(df)
+    groups = breakdown.group_scores(runs, metric)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MtlbenchError(f"cannot write the report to {str(out)!r}: {exc.strerror or exc}") from None
     written = []
-    for name, frame in (("runs", df), ("aggregate", agg)):
+    for name, frame in (("runs", df), ("aggregate", agg)) + ((("groups", groups),) if len(groups) else ()):
         frame.to_csv(out / f"{name}.csv", index=False)
         frame.to_parquet(out / f"{name}.parquet", index=False)
         written += [out / f"{name}.csv", out / f"{name}.parquet"]
@@ -391,6 +392,12 @@ def _readme(title: str, runs: list[dict], df: pd.DataFrame, agg: pd.DataFrame, f
                   "method was tuned over the values below; the test split took no part in the choice.", "",
                   _md_table(tuning_table(df)), ""]
     lines += ["## Results", "", _md_table(summary_table(agg, metric)), ""]
+    groups = breakdown.group_scores(runs, metric)
+    if len(groups):  # the dataset recorded ground-truth task groups (clusters, noisy tasks)
+        lines += ["## By task group", "",
+                  f"Per-task test {METRIC_NAMES[metric]} averaged within each ground-truth group the dataset "
+                  "recorded, then over seeds (mean ± 95% CI). A grouping with many groups shows the mean, the "
+                  "worst and the best group.", "", breakdown.markdown(groups), ""]
     growth = growth_table(agg)
     if len(growth):  # only when some series spans several T
         lines += ["## How cost grows with the number of tasks", "",

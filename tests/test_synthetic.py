@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import pytest
 import torch
@@ -71,3 +72,127 @@ def test_tasks_are_learnable_hard_beats_chance(tiny_config):
     from mtlbench.engine import load_data
     metrics = execute(cfg, load_data(cfg))["metrics"]
     assert metrics["mean_balanced_accuracy"] > 0.70, metrics  # chance is 0.5
+
+
+# ---- regimes (issue: a synthetic suite whose regimes are known) ----------------------------
+
+from mtlbench.datasets.synthetic import REGIMES, noisy_tasks, true_factors  # noqa: E402
+
+
+def regime(name: str, tasks: int = 20, split: str = "train", **options) -> Synthetic:
+    cfg = SyntheticConfig(regime=name, num_train=options.pop("num_train", 2000), num_test=500, image_size=16,
+                          **options)
+    return Synthetic(split=split, num_tasks=tasks, config=cfg)
+
+
+def test_default_regime_data_is_unchanged():
+    # Checksum of the data the generator made before regimes existed (same config, same torch):
+    # results computed on the default dataset stay valid.
+    data = Synthetic(split="train", num_tasks=20, config=SMALL)
+    digest = hashlib.sha256(data.images.numpy().tobytes() + data.labels.numpy().tobytes()).hexdigest()
+    assert digest[:16] == "7ad309653a783b10"
+    assert torch.equal(data.labels, regime("default", num_train=400).labels)
+
+
+@pytest.mark.parametrize("name", list(REGIMES))
+def test_every_regime_is_deterministic_and_near_balanced(name):
+    a, b = regime(name), regime(name)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert a.task_info == b.task_info and len(a.task_info) == 20
+    rate = a.labels.float().mean(dim=0)
+    assert 0.25 < rate.min() and rate.max() < 0.75, rate
+    other = regime(name, data_seed=1)
+    assert not torch.equal(a.labels, other.labels)
+
+
+@pytest.mark.parametrize("name", list(REGIMES))
+def test_regime_tasks_do_not_depend_on_how_many_are_asked_for(name):
+    few, many = regime(name, tasks=6), regime(name, tasks=30)
+    assert torch.equal(few.labels, many.labels[:, :6]) and few.task_info == many.task_info[:6]
+
+
+def test_mixed_clusters_are_recorded_and_related_within():
+    data = regime("mixed", tasks=20, num_train=4000)
+    assert [i["cluster"] for i in data.task_info] == [t // 5 for t in range(20)]
+    assert data.task_groups["cluster"][:6] == ["cluster 0"] * 5 + ["cluster 1"]
+    corr = torch.corrcoef(data.labels.float().t()).abs()
+    cluster = torch.tensor([t // 5 for t in range(20)])
+    same = (cluster[:, None] == cluster[None]) & ~torch.eye(20, dtype=torch.bool)
+    assert corr[same].mean() > 0.3 > 0.1 > corr[cluster[:, None] != cluster[None]].mean()
+    two = regime("mixed", tasks=20, cluster_size=2)
+    assert [i["cluster"] for i in two.task_info][:5] == [0, 0, 1, 1, 2]
+
+
+def test_noisy_tasks_are_the_declared_fraction_and_flip_at_the_declared_rate():
+    assert sum(noisy_tasks(40, 0.25)) == 10 and sum(noisy_tasks(200, 0.5)) == 100
+    small, large = noisy_tasks(40, 0.25), noisy_tasks(40, 0.75)
+    assert all(b for a, b in zip(small, large) if a)  # a larger fraction keeps the smaller's
+    clean = regime("noisy", tasks=20, num_train=4000, noisy_fraction=0.0)
+    for p in (0.5, 0.2):
+        noisy = regime("noisy", tasks=20, num_train=4000, noisy_fraction=0.25, label_noise=p)
+        flags = [i["noisy"] for i in noisy.task_info]
+        assert sum(flags) == 5 and noisy.task_groups["noise"].count("noisy") == 5
+        flipped = (noisy.labels != clean.labels).float().mean(dim=0)
+        assert flipped[torch.tensor(flags)].sub(p).abs().max() < 0.04
+        assert flipped[~torch.tensor(flags)].max() == 0  # clean tasks untouched
+
+
+def _probe(x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor, hidden: int) -> float:
+    """Train a linear (hidden=0) or one-hidden-layer probe; test balanced accuracy."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(x.shape[1], 1) if not hidden else torch.nn.Sequential(
+        torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+    opt = torch.optim.Adam(net.parameters(), lr=0.02)
+    for _ in range(600):
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(net(x).squeeze(1), y).backward()
+        opt.step()
+    pred = net(xt).squeeze(1) > 0
+    pos = yt.bool()
+    return 0.5 * ((pred & pos).sum() / pos.sum() + (~pred & ~pos).sum() / (~pos).sum()).item()
+
+
+@pytest.mark.parametrize("name", ["default", "transfer", "interference"])
+def test_probes_on_the_true_factors_reach_the_ceiling(name):
+    # Labels are exact functions of the factors: a linear probe reaches ~100% on linear tasks,
+    # and on XOR tasks only a nonlinear probe does (a linear one stays far below): the XOR
+    # regimes' tasks really need features of their own.
+    cfg = SyntheticConfig(regime=name, num_train=3000, num_test=1000)
+    train, test = (Synthetic(split=s, num_tasks=4, config=cfg) for s in ("train", "test"))
+    x, xt = true_factors(cfg, "train"), true_factors(cfg, "test")
+    for t in range(4):
+        y, yt = train.labels[:, t].float(), test.labels[:, t].float()
+        linear, mlp = _probe(x, y, xt, yt, 0), _probe(x, y, xt, yt, 32)
+        if REGIMES[name].kind == "linear":
+            assert linear > 0.97, (t, linear)
+        else:
+            assert mlp > 0.93 and linear < 0.8, (t, linear, mlp)
+
+
+@pytest.mark.parametrize("name", list(REGIMES))
+def test_a_clean_task_of_every_regime_is_learnable_on_a_short_budget(tiny_config, name):
+    cfg = dataclasses.replace(tiny_config, tasks=1, steps_per_task=150, batch_size=32, lr=3e-3,
+                              dataset_options={"regime": name, "num_train": 2000, "num_test": 500,
+                                               "image_size": 16}, backbone_options={})
+    from mtlbench.engine import load_data
+    metrics = execute(with_method(cfg, "stl"), load_data(cfg))["metrics"]
+    assert metrics["mean_balanced_accuracy"] > 0.70, metrics  # chance is 0.5; task0000 is clean
+
+
+def test_regimes_declare_their_budget_and_bad_regimes_are_clear_errors():
+    assert Synthetic.budget_for(SyntheticConfig()) == {"epochs": 4}
+    assert Synthetic.budget_for(SyntheticConfig(regime="transfer")) == REGIMES["transfer"].budget
+    with pytest.raises(MtlbenchError, match="unknown regime 'xor'; valid: default, transfer"):
+        Synthetic(split="train", num_tasks=3, config=SyntheticConfig(regime="xor"))
+    with pytest.raises(MtlbenchError, match="cluster_size"):
+        regime("mixed", cluster_size=0)
+    with pytest.raises(MtlbenchError, match="label_noise"):
+        regime("noisy", label_noise=0.7)
+
+
+def test_optional_options_read_from_the_command_line():
+    from mtlbench.config import make_config
+    cfg = make_config(SyntheticConfig, {"num_train": "500", "relatedness": "none", "regime": "mixed"}, "synthetic")
+    assert cfg.num_train == 500 and cfg.relatedness is None and cfg.regime == "mixed"
+    with pytest.raises(MtlbenchError, match="cannot read 'many' as int"):
+        make_config(SyntheticConfig, {"num_train": "many"}, "synthetic")
