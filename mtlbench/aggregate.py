@@ -124,3 +124,33 @@ def select_val(df: pd.DataFrame, tune: list[str]) -> pd.DataFrame:
     out["tuned_values"] = [info[s][1] for s in out["setting"]]
     out["chosen"] = [info[s][2] for s in out["setting"]]
     return out
+
+
+def _flat(setting_json: str) -> dict:
+    """A setting's configuration as flat ``name -> value`` (dataset options as ``dataset.KEY``)."""
+    out = {}
+    for key, value in json.loads(setting_json).items():
+        if isinstance(value, dict) and key.endswith("_options"):
+            out.update({f"{key[:-len('_options')]}.{k}": v for k, v in value.items()})
+        elif key not in ("method", "method_options"):  # the label already names these
+            out[key] = value
+    return out
+
+
+def distinct_labels(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with each label made unique per setting: where runs of one label and T come from
+    settings that differ in more than the method (a sweep of a dataset option, say), the
+    options that differ are appended (``hard noisy_fraction=0.25``)."""
+    df = df.copy()
+    for _, group in df.groupby(["label", "tasks"], sort=False):
+        settings = group.drop_duplicates("setting")
+        if len(settings) < 2:
+            continue
+        flats = {s: _flat(c) for s, c in zip(settings["setting"], settings["setting_config"])}
+        keys = sorted({k for f in flats.values() for k in f})
+        differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats.values()}) > 1]
+        for s, flat in flats.items():
+            suffix = " ".join(f"{k.split('.', 1)[-1]}={flat.get(k)}" for k in differ)
+            rows = group.index[group["setting"] == s]
+            df.loc[rows, "label"] = df.loc[rows, "label"] + " " + suffix
+    return df

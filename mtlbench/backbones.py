@@ -24,6 +24,7 @@ class Backbone(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.block_channels = list(block_channels)
         self.num_features = block_channels[-1]
+        self.details: dict = {}  # facts worth recording in a result (a timm model's stages, say)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(2, 3))
@@ -90,17 +91,40 @@ class BackboneSpec:
     config: object = field(default=None)
 
     def build(self) -> Backbone:
-        return BACKBONES.get(self.name)(self.config)
+        builder, model = backbone_builder(self.name)
+        return builder(self.config, model) if model else builder(self.config)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "config": dataclasses.asdict(self.config)}
 
 
-def resolve_backbone(name: str, in_channels: int, options: dict | None = None) -> BackboneSpec:
-    """Look up ``name`` and build its config from defaults, ``in_channels`` and user options."""
-    builder = BACKBONES.get(name)
+def backbone_builder(name: str):
+    """``(builder, model name)`` for ``name``: a registered backbone (``convnet``), or a family
+    and one of its models (``timm:resnet18``); the model name is "" for a plain backbone."""
+    family, sep, model = name.partition(":")
+    builder = BACKBONES.get(family)
+    takes_model = getattr(builder, "takes_model", False)
+    if sep and not takes_model:
+        raise MtlbenchError(f"backbone {family!r} takes no model name (got {name!r})")
+    if takes_model and not model:
+        raise MtlbenchError(f"backbone {family!r} needs a model name: --backbone {family}:NAME")
+    return builder, model
+
+
+def resolve_backbone(name: str, in_channels: int, options: dict | None = None,
+                     data_norm: tuple | None = None) -> BackboneSpec:
+    """Look up ``name`` and build its config from defaults, ``in_channels`` (and, for a backbone
+    that takes them, the dataset's normalisation ``data_norm = (mean, std)``) and user options."""
+    builder, _ = backbone_builder(name)
     from mtlbench.config import make_config
 
-    cfg = make_config(builder.config_class, {"in_channels": in_channels, **(options or {})},
-                      what=f"backbone {name!r}")
+    given = {"in_channels": in_channels, **(options or {})}
+    fields = {f.name for f in dataclasses.fields(builder.config_class)}
+    if data_norm and "data_mean" in fields:
+        given.update(data_mean=tuple(data_norm[0])[:in_channels], data_std=tuple(data_norm[1])[:in_channels])
+    cfg = make_config(builder.config_class, given, what=f"backbone {name!r}")
     return BackboneSpec(name, cfg)
+
+
+# Backbone families defined in their own modules register when the built-ins load.
+from mtlbench import timm_backbone  # noqa: E402,F401

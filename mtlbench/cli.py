@@ -56,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tasks", default=None, help="number of tasks: 40, 2,10,40 or 2:500 (log-spaced); default 40 or all the dataset has")
     r.add_argument("--task-names", default=None, help="comma list of task names (instead of the first T)")
     r.add_argument("--dataset", default="synthetic")
-    r.add_argument("--backbone", default="convnet")
+    r.add_argument("--backbone", default="convnet",
+                   help="a registered backbone, or timm:NAME for any timm CNN (see mtlbench list backbones)")
+    r.add_argument("--pretrained", nargs="?", const="cache", default=None, metavar="PATH",
+                   help="timm backbones: pretrained weights from timm's local cache, or from a file PATH")
     r.add_argument("--sigma", default=None,
                    help="task routing's sharing ratio(s) in [0, 1] (shorthand for -o method.sigma; a list is swept)")
     r.add_argument("--weighting", default=None,
@@ -154,8 +157,11 @@ def cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
     from mtlbench.registry import REGISTRIES
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # broken plugins are listed below instead
-        for title, reg in REGISTRIES.items():
-            names = reg.names(args.pattern)
+        kinds = [args.pattern] if args.pattern in REGISTRIES else list(REGISTRIES)
+        pattern = "*" if args.pattern in REGISTRIES else args.pattern
+        for title in kinds:
+            reg = REGISTRIES[title]
+            names = reg.names(pattern)
             print(f"{title}:")
             for name in names:
                 paper = getattr(reg.get(name), "paper", "") if title == "weightings" else ""
@@ -164,6 +170,11 @@ def cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
                 print("  (none match)")
             for name, err in reg.plugin_errors.items():
                 print(f"  {name:<14} [plugin failed to load] {err}")
+            if title == "backbones" and "timm" in names:
+                print("  timm:NAME is any timm CNN by its timm name (--backbone timm:resnet18, timm:efficientnet_b0,\n"
+                      "  timm:convnext_atto, ...; timm.list_models() lists them): every method works on it, task\n"
+                      "  routing layers go after each conv-norm pair, cross-stitch units between its feature stages;\n"
+                      "  --pretrained loads weights from timm's local cache or a file")
     return 0
 
 
@@ -207,7 +218,8 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     from mtlbench.engine import eval_steps
     from mtlbench.harness import Sweep, expand
     from mtlbench.method import Budget
-    from mtlbench.registry import BACKBONES, DATASETS
+    from mtlbench.backbones import backbone_builder
+    from mtlbench.registry import DATASETS
 
     _validate_ints(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -223,7 +235,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.holdout and args.holdout_split not in dataset.splits:
         raise MtlbenchError(f"--holdout-split {args.holdout_split!r}: {args.dataset} has splits "
                             f"{', '.join(dataset.splits)}")
-    BACKBONES.get(args.backbone)
+    backbone_builder(args.backbone)
     if max(tasks) > dataset.max_tasks:
         raise MtlbenchError(f"{args.dataset} offers at most {dataset.max_tasks} tasks; --tasks asks for {max(tasks)}")
     _check_device(args.device)
@@ -234,10 +246,16 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     options = parse_options(args.option + (["dataset.trust_data=true"] if args.trust_data else []))
     # Store every option with its default filled in: the result is then reproducible from
     # its own file, and a changed default changes the run's key instead of being resumed.
-    data_opts = resolved_options(dataset.config_class, options["dataset"], f"dataset {args.dataset!r}")
-    net_opts = resolved_options(BACKBONES.get(args.backbone).config_class, options["backbone"],
+    data_opts = dataset.canonical_options(
+        resolved_options(dataset.config_class, options["dataset"], f"dataset {args.dataset!r}"))
+    if args.pretrained is not None:
+        if not args.backbone.startswith("timm:"):
+            raise MtlbenchError(f"--pretrained needs a timm backbone (--backbone timm:NAME), not {args.backbone!r}")
+        options["backbone"]["pretrained"] = args.pretrained
+    net_opts = resolved_options(backbone_builder(args.backbone)[0].config_class, options["backbone"],
                                 f"backbone {args.backbone!r}")
-    net_opts.pop("in_channels")  # set from the dataset's images
+    for name in ("in_channels", "data_mean", "data_std"):  # set from the dataset's images
+        net_opts.pop(name, None)
     method_opts = dict(options["method"])
     for flag, key, value in (("--schedule", "schedule", args.schedule), ("--tr-impl", "impl", args.tr_impl)):
         if value:

@@ -37,6 +37,13 @@ class TaskDataset(Dataset):
     task_groups: dict[str, list[str]] = {}
 
     @classmethod
+    def canonical_options(cls, options: dict) -> dict:
+        """The resolved options as a run records them (its key hashes them). A dataset that
+        gains options can drop them here when they are at values that change nothing, so
+        that earlier runs keep their keys."""
+        return options
+
+    @classmethod
     def budget_for(cls, config: object) -> dict:
         """The default budget under dataset options ``config`` (a dataset whose options change
         how much training it needs, such as a regime, overrides this)."""

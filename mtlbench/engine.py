@@ -164,7 +164,8 @@ def build_method(cfg: RunConfig, in_channels: int) -> Method:
     """Seed, then build the method: the same seed gives the same initial weights and masks."""
     cls = METHODS.get(cfg.method)
     options = cls.options_from(method_options(cfg))
-    backbone = resolve_backbone(cfg.backbone, in_channels, cfg.backbone_options)
+    data = DATASETS.get(cfg.dataset)
+    backbone = resolve_backbone(cfg.backbone, in_channels, cfg.backbone_options, (data.mean, data.std))
     seed_everything(cfg.seed)
     return cls(backbone, cfg.tasks, options, seed=cfg.seed)
 
@@ -522,6 +523,7 @@ def execute(cfg: RunConfig, data: Splits, progress: Callable[[int], None] | None
         "metrics_final": {**final, **means(final)},
         "params": model.param_counts(),
         "method_details": model.describe(),
+        "backbone_details": model.backbone_details(),
         "train": timing,
         "eval": inference,
         "flops": flops,
@@ -537,6 +539,6 @@ def execute(cfg: RunConfig, data: Splits, progress: Callable[[int], None] | None
                  "positive_rate_test": test_set.positive_rate(),
                  "pos_weight": None if pos_weight is None else pos_weight.tolist(),
                  "num_train": len(train_set), "num_val": len(val_set) if val_set is not None else 0,
-                 "num_test": len(test_set), "task_groups": test_set.task_groups, "task_info": test_set.task_info,
+                 "num_test": len(test_set), "image_size": list(test_set.images.shape[1:]), "task_groups": test_set.task_groups, "task_info": test_set.task_info,
                  "options": dataclasses.asdict(train_set.config) if hasattr(train_set, "config") else {}},
     }

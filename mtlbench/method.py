@@ -290,6 +290,11 @@ class Method(nn.Module):
         """Method-specific facts worth recording in a result (insertion points, etc.)."""
         return {}
 
+    def backbone_details(self) -> dict:
+        """What the backbone records about itself (a timm model's stages and input rule)."""
+        from mtlbench.backbones import Backbone
+        return next((m.details for m in self.modules() if isinstance(m, Backbone)), {})
+
     def flop_device(self) -> str:
         """Where :func:`mtlbench.engine.method_flops` may count this model's FLOPs: ``meta`` (no
         compute) unless the method needs real values (gathered indices, say)."""

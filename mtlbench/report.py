@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mtlbench import breakdown, results  # noqa: E402
-from mtlbench.aggregate import aggregate, option_value, select_val  # noqa: E402
+from mtlbench.aggregate import aggregate, distinct_labels, option_value, select_val  # noqa: E402
 from mtlbench.errors import MtlbenchError  # noqa: E402
 from mtlbench.registry import METHODS  # noqa: E402
 
@@ -337,6 +337,9 @@ def write_report(results_dir: Path, out: Path, title: str | None = None, warn=pr
         runs = [r for r in runs if r["key"] in set(chosen["key"])]
         df = results.table(runs, ignore=tuple(tune)).merge(
             chosen[["key", "tuned_group", "tuned_over", "tuned_values", "chosen"]], on="key")
+    df = distinct_labels(df)  # after tuning: the values tuned over are no longer settings apart
+    labels = dict(zip(df["key"], df["label"]))
+    runs = [{**r, "label": labels.get(r["key"], r.get("label"))} for r in runs]
     agg = aggregate(df)
     groups = breakdown.group_scores(runs, metric)
     try:

@@ -35,3 +35,22 @@ def test_many_groups_are_summarised_by_mean_worst_and_best():
 
 def test_runs_without_groups_give_an_empty_table():
     assert breakdown.group_scores([run(0, [0.9], {})], "balanced_accuracy").empty
+
+
+def test_labels_of_settings_that_differ_in_a_dataset_option_name_the_option():
+    import json
+
+    import pandas as pd
+
+    from mtlbench.aggregate import distinct_labels
+
+    def row(key, fraction, tasks=40, lr=0.003):
+        config = {"method": "hard", "method_options": {}, "dataset": "synthetic", "tasks": tasks, "lr": lr,
+                  "dataset_options": {"regime": "noisy", "noisy_fraction": fraction}}
+        return {"key": key, "label": "hard", "tasks": tasks, "setting": json.dumps(config, sort_keys=True),
+                "setting_config": json.dumps(config, sort_keys=True)}
+
+    df = pd.DataFrame([row("a", 0.25), row("b", 0.25), row("c", 0.5), row("d", 0.5, tasks=10)])
+    labels = distinct_labels(df).set_index("key")["label"]
+    assert labels.to_dict() == {"a": "hard noisy_fraction=0.25", "b": "hard noisy_fraction=0.25",
+                                "c": "hard noisy_fraction=0.5", "d": "hard"}

@@ -124,8 +124,10 @@ class TaskRouting(Method):
         self.compact = CompactRouting(leaves) if leaves is not None else None
         self.compact_trains = self.compact is not None and self.compact.supported()
         if options.impl == "compact" and not self.compact_trains:
-            raise MtlbenchError("--tr-impl compact needs a plain conv-norm chain backbone (convnet, vgg11)")
+            raise MtlbenchError("--tr-impl compact needs a plain conv-norm chain backbone (convnet, vgg11); on other "
+                                "backbones (timm:NAME) use --tr-impl dense or auto")
         self.impl = "dense" if options.impl == "auto" else options.impl
+        self.impl_reason = "requested" if options.impl != "auto" else "auto: resolved on the device"
         self.all_task = AllTaskInference(self.compact) if self.compact is not None else None
         if options.inference in ("grouped", "loop") and not (self.all_task and self.all_task.supported()):
             raise MtlbenchError(f"{self.name} option inference={options.inference} needs a plain conv-norm chain "
@@ -138,6 +140,12 @@ class TaskRouting(Method):
         if self.options.impl == "auto":
             limit = AUTO_MAX_KEPT.get(torch.device(device).type, 0.5)
             self.impl = "compact" if self.compact_trains and self.kept_fraction() <= limit else "dense"
+            self.impl_reason = (
+                "auto: dense, the backbone is not a plain conv-norm chain (compact needs convnet or vgg11)"
+                if self.compact is None else
+                f"auto: {self.impl}, mean kept fraction {self.kept_fraction():.2f} "
+                f"{'<=' if self.impl == 'compact' else '>'} {limit} on {torch.device(device).type}"
+                if self.compact_trains else "auto: dense, compact cannot keep these batch-norm statistics")
 
     def kept_fraction(self) -> float:
         return torch.cat([r.masks.mean(dim=1) for r in self.routers]).mean().item()
@@ -180,7 +188,7 @@ class TaskRouting(Method):
 
     def describe(self) -> dict:
         return {"routing_points": self.route_names, "sigma": self.sigma, "impl": self.impl,
-                "impl_requested": self.options.impl, "mean_kept_fraction": self.kept_fraction(),
+                "impl_requested": self.options.impl, "impl_reason": self.impl_reason, "mean_kept_fraction": self.kept_fraction(),
                 "bn_stats": self.options.bn_stats,
                 "per_task_statistics": [name for name, r in zip(self.route_names, self.routed) if r.per_task],
                 "all_task_inference": self.inference if self.inference != "dense" else

@@ -37,15 +37,19 @@ BN_STATS = ("task", "kept", "all")
 
 
 class TaskRoute(nn.Module):
-    """Multiplies channels (dim 1) by the active task's mask. ``task`` is set by the model."""
+    """Multiplies channels by the active task's mask. ``task`` is set by the model. Channels
+    are dim 1, or the last dim after a norm that runs channels-last (ConvNeXt's LayerNorm)."""
 
-    def __init__(self, masks: torch.Tensor) -> None:
+    def __init__(self, masks: torch.Tensor, channels_last: bool = False) -> None:
         super().__init__()
         self.register_buffer("masks", masks)
         self.task = 0
+        self.channels_last = channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.masks[self.task]
+        if self.channels_last:
+            return x * mask
         return x * mask.view(1, -1, *([1] * (x.dim() - 2)))
 
     def extra_repr(self) -> str:
@@ -85,7 +89,8 @@ class Routed(nn.Sequential):
             return route(layer(x))
         mean, var, counter = self.statistics(route.task)
         if not self.training:
-            return route(F.batch_norm(x, mean, var, layer.weight, layer.bias, False, 0.0, layer.eps))
+            return route(_after_norm(layer, F.batch_norm(x, mean, var, layer.weight, layer.bias, False, 0.0,
+                                                         layer.eps)))
         # Normalise with copies of the running statistics (autograd keeps the tensors it was
         # given, so the buffers themselves must not be changed in place), then keep the
         # copies' update only where the task keeps the unit.
@@ -96,7 +101,26 @@ class Routed(nn.Sequential):
         with torch.no_grad():
             mean.copy_(torch.where(keep, new_mean, mean))
             var.copy_(torch.where(keep, new_var, var))
-        return route(y)
+        return route(_after_norm(layer, y))
+
+
+def _after_norm(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """What a norm-and-activation layer (timm's ``BatchNormAct2d``) applies after its norm:
+    dropout, then the activation. The router then follows the activation, which gives the
+    same output as routing before it: a binary mask commutes with any activation f with
+    f(0) = 0 (ReLU, SiLU, GELU, hard-swish)."""
+    drop, act = getattr(layer, "drop", None), getattr(layer, "act", None)
+    if isinstance(drop, nn.Module):
+        y = drop(y)
+    if isinstance(act, nn.Module):
+        y = act(y)
+    return y
+
+
+def runs_channels_last(layer: nn.Module) -> bool:
+    """A plain ``nn.LayerNorm`` after a conv normalises the last dim: the block has permuted
+    to channels-last (ConvNeXt), so the router must mask the last dim too."""
+    return isinstance(layer, nn.LayerNorm) and type(layer).forward is nn.LayerNorm.forward
 
 
 def insert_routers(model: nn.Module, num_tasks: int, sigma: float, seed: int, masks: str = "own",
@@ -110,8 +134,9 @@ def insert_routers(model: nn.Module, num_tasks: int, sigma: float, seed: int, ma
     routers, wrappers, names = [], [], []
     upstream_differs = False  # does a router before this point give tasks different masks?
     for parent, child_name, qual, channels in insertion_points(model):
-        router = TaskRoute(draw_masks(channels, num_tasks, sigma, generator, rule=masks))
-        wrapped = Routed(getattr(parent, child_name), router, bn_stats,
+        layer = getattr(parent, child_name)
+        router = TaskRoute(draw_masks(channels, num_tasks, sigma, generator, rule=masks), runs_channels_last(layer))
+        wrapped = Routed(layer, router, bn_stats,
                          per_task=bn_stats == "task" and upstream_differs)
         setattr(parent, child_name, wrapped)
         upstream_differs = upstream_differs or not bool((router.masks == router.masks[:1]).all())
