@@ -539,6 +539,7 @@ def execute(cfg: RunConfig, data: Splits, progress: Callable[[int], None] | None
                  "positive_rate_test": test_set.positive_rate(),
                  "pos_weight": None if pos_weight is None else pos_weight.tolist(),
                  "num_train": len(train_set), "num_val": len(val_set) if val_set is not None else 0,
-                 "num_test": len(test_set), "image_size": list(test_set.images.shape[1:]), "task_groups": test_set.task_groups, "task_info": test_set.task_info,
+                 "num_test": len(test_set), "image_size": list(test_set.images.shape[1:]),
+                 "task_groups": test_set.task_groups, "task_info": test_set.task_info,
                  "options": dataclasses.asdict(train_set.config) if hasattr(train_set, "config") else {}},
     }
