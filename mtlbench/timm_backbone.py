@@ -158,7 +158,7 @@ def feature_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def stage_blocks(model: nn.Module, name: str) -> tuple[list[nn.Sequential], list[str]]:
+def stage_blocks(model: nn.Module) -> tuple[list[nn.Sequential], list[str]]:
     """The chain cut after each ``feature_info`` module; trailing modules join the last block."""
     chain = feature_chain(model)
     names = [n for n, _ in chain]
@@ -195,7 +195,7 @@ def timm_backbone(cfg: TimmConfig, model_name: str = "") -> Backbone:
     if cfg.pretrained:
         load_pretrained(model, model_name, cfg.pretrained)
     min_input = cfg.min_input or _stride(model)
-    blocks, cut_names = stage_blocks(model, model_name)
+    blocks, cut_names = stage_blocks(model)
     scale = shift = None
     mean, std = model.pretrained_cfg.get("mean"), model.pretrained_cfg.get("std")
     renorm = bool(cfg.pretrained and cfg.data_mean and mean and len(mean) == cfg.in_channels)

@@ -188,7 +188,8 @@ class TaskRouting(Method):
 
     def describe(self) -> dict:
         return {"routing_points": self.route_names, "sigma": self.sigma, "impl": self.impl,
-                "impl_requested": self.options.impl, "impl_reason": self.impl_reason, "mean_kept_fraction": self.kept_fraction(),
+                "impl_requested": self.options.impl, "impl_reason": self.impl_reason,
+                "mean_kept_fraction": self.kept_fraction(),
                 "bn_stats": self.options.bn_stats,
                 "per_task_statistics": [name for name, r in zip(self.route_names, self.routed) if r.per_task],
                 "all_task_inference": self.inference if self.inference != "dense" else
