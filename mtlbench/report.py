@@ -362,12 +362,13 @@ def write_report(results_dir: Path, out: Path, title: str | None = None, warn=pr
             written.append(out / f"{name}.{ext}")
         plt.close(fig)
         figures.append(name)
-    (out / "README.md").write_text(_readme(title or out.name, runs, df, agg, figures, metric, tune))
+    (out / "README.md").write_text(_readme(title or out.name, runs, df, agg, figures, metric, tune, groups))
     return written + [out / "README.md"]
 
 
 def _readme(title: str, runs: list[dict], df: pd.DataFrame, agg: pd.DataFrame, figures: list[str],
-            metric: str, tune: list[str] | None) -> str:
+            metric: str, tune: list[str] | None,
+            groups: pd.DataFrame) -> str:
     env = runs[0].get("environment", {})
     commands = sorted({r.get("command") or "(not recorded)" for r in runs})
     commits = sorted({str(r.get("environment", {}).get("git_commit")) for r in runs})
@@ -395,7 +396,6 @@ def _readme(title: str, runs: list[dict], df: pd.DataFrame, agg: pd.DataFrame, f
                   "method was tuned over the values below; the test split took no part in the choice.", "",
                   _md_table(tuning_table(df)), ""]
     lines += ["## Results", "", _md_table(summary_table(agg, metric)), ""]
-    groups = breakdown.group_scores(runs, metric)
     if len(groups):  # the dataset recorded ground-truth task groups (clusters, noisy tasks)
         lines += ["## By task group", "",
                   f"Per-task test {METRIC_NAMES[metric]} averaged within each ground-truth group the dataset "
