@@ -107,6 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-train-seconds", type=float, default=None,
                    help="time the first steps of each run and record it as skipped if its training is projected "
                         "to take longer (the measured step time is kept)")
+    r.add_argument("--executor", default="local", choices=["local", "processes", "ray"],
+                   help="where runs execute: in this process one after another (default), a local process "
+                        "pool (--workers), or Ray tasks on a local instance or a cluster (--ray-address)")
+    r.add_argument("--workers", type=int, default=None,
+                   help="processes: pool size (default: the cores divided by --cpus-per-run)")
+    r.add_argument("--cpus-per-run", type=int, default=None,
+                   help="torch threads of each run (processes: default the cores divided among the workers; "
+                        "ray: the CPUs each run asks Ray for, default 1)")
+    r.add_argument("--gpus-per-run", type=float, default=None, help="ray: GPUs each run asks Ray for (with --device cuda)")
+    r.add_argument("--ray-address", default=None,
+                   help="ray: join a running cluster (auto, or HOST:PORT of ray start --head); default: start a "
+                        "local Ray instance for this sweep")
+    r.add_argument("--retries", type=int, default=0, help="retry a failed run up to this many times in this sweep")
+    r.add_argument("--skip-failed", action="store_true",
+                   help="keep runs recorded as failed by an earlier sweep as they are (by default a rerun retries them)")
     r.add_argument("-o", "--option", action="append", default=[], metavar="TARGET.KEY=VALUE",
                    help="dataset, backbone, method or weighting option, e.g. dataset.relatedness=0.2, "
                         "method.bn_stats=kept (tr), method.columns=grouped (stl, cross-stitch), weighting.c=0.4")
@@ -196,6 +211,8 @@ def _validate_ints(args: argparse.Namespace) -> None:
         raise MtlbenchError(f"--val-fraction must be 0 (no validation) or a fraction in (0, 1), got {args.val_fraction:g}")
     if args.max_train_seconds is not None and not args.max_train_seconds > 0:
         raise MtlbenchError(f"--max-train-seconds must be positive, got {args.max_train_seconds}")
+    if args.retries < 0:
+        raise MtlbenchError(f"--retries must be 0 or more, got {args.retries}")
     if args.patience and not args.val_fraction:
         raise MtlbenchError("--patience needs a validation split (--val-fraction > 0)")
 
@@ -238,7 +255,8 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     backbone_builder(args.backbone)
     if max(tasks) > dataset.max_tasks:
         raise MtlbenchError(f"{args.dataset} offers at most {dataset.max_tasks} tasks; --tasks asks for {max(tasks)}")
-    _check_device(args.device)
+    if not (args.executor == "ray" and args.device.startswith("cuda")):  # Ray's workers may have GPUs the driver lacks
+        _check_device(args.device)
     eval_steps(args.eval_every, 10, Budget(10, 1, 1.0))  # the syntax, before any run
     lrs = _number_list(float, "--lr")(args.lr)
     if any(lr <= 0 for lr in lrs):
@@ -286,9 +304,13 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     for cfg in configs:
         if not 0 <= cfg.seed < 2 ** 63:
             raise MtlbenchError(f"--seed must be in [0, 2^63), got {cfg.seed}")
+    from mtlbench.executors import make_executor
+    results.check_writable(Path(args.out))
+    executor = make_executor(args.executor, args.workers, args.cpus_per_run, args.ray_address, args.gpus_per_run)
     sweep = Sweep(Path(args.out), args.max_params, warn=lambda m: print(m, file=sys.stderr),
                   data_root=args.data_root, command=" ".join(["mtlbench", *map(shlex.quote, argv)]),
-                  download=args.download, max_train_seconds=args.max_train_seconds)
+                  download=args.download, max_train_seconds=args.max_train_seconds, executor=executor,
+                  retries=args.retries, skip_failed=args.skip_failed)
     sweep.run(configs)
     df = results.refresh_tables(sweep.out, warn=lambda m: print(m, file=sys.stderr))
     keys = {c.key() for c in configs}
@@ -358,8 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mtlbench: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("mtlbench: interrupted; finished runs are kept, rerun the same command to resume",
-              file=sys.stderr)
+        resume = f": mtlbench {shlex.join(argv)}" if argv and argv[0] == "run" else ""
+        print(f"mtlbench: interrupted; finished runs and the tables are kept, nothing partial was written. "
+              f"Rerun the same command to resume{resume}", file=sys.stderr)
         return 130
 
 

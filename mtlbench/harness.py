@@ -134,118 +134,51 @@ def estimate_params(cfg: RunConfig, in_channels: int) -> int:
         return count(build_method(cfg, in_channels))
 
 
-class Sweep:
-    """Runs configurations into ``out``; finished runs (same config hash) are skipped.
+_DATA: dict[str, object] = {}  # one dataset per process (sweeps go T by T), kept between runs
+
+
+def data_for(cfg: RunConfig, root: str | None, download: bool):
+    key = repr((cfg.dataset, sorted(cfg.dataset_options.items()), cfg.tasks, cfg.task_names,
+                cfg.holdout, cfg.holdout_split, cfg.val_fraction, root, download))
+    if key not in _DATA:
+        _DATA.clear()
+        _DATA[key] = load_data(cfg, root, download)
+    return _DATA[key]
+
+
+def forget_data() -> None:
+    _DATA.clear()
+
+
+@dataclasses.dataclass
+class Runner:
+    """Builds, trains and evaluates one configuration and returns its result (it writes
+    nothing). Picklable: the executors send it to their workers.
 
     Budgets: a setting with more than ``max_params`` trainable parameters, or (with
     ``max_train_seconds``) whose first timed steps project a longer training, is recorded as
-    skipped with the reason and what was measured. A skipped run is tried again by a later
-    sweep with a larger budget.
+    skipped with the reason and what was measured.
     """
-
-    def __init__(self, out: Path, max_params: int, warn: Callable[[str], None] = print,
-                 data_root: str | None = None, command: str = "", download: bool = False,
-                 max_train_seconds: float | None = None) -> None:
-        self.out, self.max_params, self.warn, self.data_root = Path(out), max_params, warn, data_root
-        self.command, self.download, self.max_train_seconds = command, download, max_train_seconds
-        results.check_writable(self.out)
-        self._data: dict[str, object] = {}
+    max_params: int
+    data_root: str | None = None
+    download: bool = False
+    max_train_seconds: float | None = None
+    command: str = ""
 
     def budgets(self) -> dict:
         return {"max_params": self.max_params, "max_train_seconds": self.max_train_seconds}
 
-    def _still_skipped(self, run: dict) -> bool:
-        """Skipped under budgets no larger than the current ones."""
-        then = run.get("budgets") or {}
-        for name, now in self.budgets().items():
-            before = then.get(name)
-            if (before is None) != (now is None) or (now is not None and now > before):
-                return False
-        return True
-
-    def _finished_one(self, key: str) -> dict | None:
-        for path in (self.out / "runs").glob(f"*_{key}.json"):
-            run = results.read_run(path)
-            if run is not None and run["key"] == key and (
-                    run.get("status") == "ok" or (run.get("status") == "skipped" and self._still_skipped(run))):
-                return run
-        return None
-
-    def finished(self) -> dict[str, dict]:
-        return {r["key"]: r for r in results.load_runs(self.out, warn=self.warn)
-                if r.get("status") == "ok" or (r.get("status") == "skipped" and self._still_skipped(r))}
-
-    def data(self, cfg: RunConfig):
-        key = repr((cfg.dataset, sorted(cfg.dataset_options.items()), cfg.tasks, cfg.task_names,
-                    cfg.holdout, cfg.holdout_split, cfg.val_fraction))
-        if key not in self._data:
-            self._data = {key: load_data(cfg, self.data_root, self.download)}  # keep one: sweeps go T by T
-        return self._data[key]
-
-    TABLES_EVERY = 30.0  # seconds: the tables are rebuilt after a run at most this often (and at the end)
-
-    def run(self, configs: list[RunConfig]) -> list[dict]:
-        results.refresh_tables(self.out, warn=self.warn)  # mends tables a killed writer left behind
-        done = self.finished()
-        todo = [c for c in configs if c.key() not in done]
-        if len(todo) < len(configs):
-            self.warn(f"mtlbench: {len(configs) - len(todo)} of {len(configs)} runs already finished "
-                      f"in {self.out}; skipping them")
-        last = time.monotonic()
-        elsewhere = []
-        for cfg in todo:
-            with self.claim(cfg.key()) as mine:
-                if not mine:  # another sweep into this folder is training it now
-                    elsewhere.append(cfg)
-                    continue
-                done[cfg.key()] = self._finished_one(cfg.key()) or self.run_one(cfg)  # or done meanwhile
-            if time.monotonic() - last > self.TABLES_EVERY:  # a killed sweep leaves current tables
-                results.refresh_tables(self.out, warn=lambda m: None)
-                last = time.monotonic()
-        if elsewhere:
-            self.warn(f"mtlbench: {len(elsewhere)} run(s) were being trained by another sweep into {self.out}; "
-                      "rerun this command once it has finished to collect them")
-        return [done[c.key()] for c in configs if c.key() in done]
-
-    @contextlib.contextmanager
-    def claim(self, key: str) -> Iterator[bool]:
-        """Claim run ``key`` before training it: a file holding this process's PID and host.
-        A live claim of another process is respected (False); a dead one on this host is
-        taken over. Released when the block ends."""
-        folder = self.out / "runs" / ".claims"
-        folder.mkdir(exist_ok=True)
-        path = folder / f"{key}.claim"
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    owner = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    owner = {}
-                if owner.get("host") == me["host"] and not _alive(owner.get("pid")):
-                    path.unlink(missing_ok=True)  # its process is gone: take it over
-                    continue
-                yield False
-                return
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            try:
-                yield True
-            finally:
-                path.unlink(missing_ok=True)
-            return
-        yield False
-
-    def run_one(self, cfg: RunConfig) -> dict:
-        data = self.data(cfg)
+    def envelope(self, cfg: RunConfig) -> dict:
         config = cfg.to_dict()
-        result = {"schema": results.SCHEMA, "key": cfg.key(), "setting": setting_key(config),
-                  "label": METHODS.get(cfg.method).label(cfg.method_options), "config": config,
-                  "command": self.command, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "environment": results.environment()}
+        return {"schema": results.SCHEMA, "key": cfg.key(), "setting": setting_key(config),
+                "label": METHODS.get(cfg.method).label(cfg.method_options), "config": config,
+                "command": self.command, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "host": socket.gethostname(), "environment": results.environment()}
+
+    def __call__(self, cfg: RunConfig, progress: Callable[[int], None] | None = None) -> dict:
+        result = self.envelope(cfg)
         start = time.perf_counter()
+        data = data_for(cfg, self.data_root, self.download)
         try:
             params = estimate_params(cfg, data.train.images.shape[1])
         except MtlbenchError:
@@ -260,10 +193,260 @@ class Sweep:
             result.update(status="skipped", reason=f"{params:,} trainable parameters exceed "
                           f"--max-params {self.max_params:,}", params={"trainable": params}, budgets=self.budgets())
         else:
-            result.update(self._attempt(cfg, data))
+            result.update(self._attempt(cfg, data, progress))
         result["wall_seconds"] = time.perf_counter() - start
-        results.write_json_atomic(self._free_path(result), result)
         return result
+
+    def _attempt(self, cfg: RunConfig, data, progress) -> dict:
+        try:
+            return {"status": "ok", **execute(cfg, data, progress, self.max_train_seconds)}
+        except MtlbenchError:
+            raise  # bad input: one line and exit 2, not a failed run
+        except OverBudget as over:
+            return {"status": "skipped", "reason": str(over), "probe": {
+                k: v for k, v in over.details.items() if k not in ("params", "flops")},
+                "params": over.details["params"], "flops": over.details["flops"],
+                "memory": {"peak_bytes": over.details["peak_memory_bytes"], "how": over.details["memory_how"]
+                           + " (during the probe steps)"}, "budgets": self.budgets()}
+        except Exception as exc:
+            # Out of memory, a non-finite loss, a kernel failure, a plugin's bug: record it
+            # and go on with the sweep.
+            log.debug("run failed", exc_info=True)
+            return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc()}
+        finally:
+            gc.collect()
+
+
+class Progress:
+    """One display for every executor: a bar over the runs to do, with runs done, running,
+    failed and skipped, and the time left at the current rate."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.counts = {"done": 0, "running": 0, "failed": 0, "skipped": 0}
+        self.bar = tqdm(total=total, unit="run", desc="runs", delay=0.5, dynamic_ncols=True, disable=not enabled or not total,
+                        bar_format="{desc}: {n}/{total} |{bar}| [{elapsed}<{remaining} left]")
+        self._show()
+
+    def _show(self) -> None:
+        self.bar.set_description_str("runs (" + ", ".join(f"{k} {v}" for k, v in self.counts.items()) + ")")
+
+    def started(self) -> None:
+        self.counts["running"] += 1
+        self._show()
+
+    def finished(self, status: str, was_running: bool = True) -> None:
+        self.counts["running"] -= was_running
+        self.counts[{"ok": "done", "failed": "failed"}.get(status, "skipped")] += 1
+        self.bar.update(1)
+        self._show()
+
+    def note(self, message: str, warn: Callable[[str], None]) -> None:
+        with tqdm.external_write_mode():
+            warn(message)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def _step_bar(cfg: RunConfig):
+    """The local executor's bar over one run's steps (its total known once the data is)."""
+    cls = METHODS.get(cfg.method)
+    label = f"{cls.label(cfg.method_options)} T={cfg.tasks} seed={cfg.seed}"
+    with tqdm(total=None, desc=label, leave=False, unit="step", dynamic_ncols=True, position=1) as bar:
+        def update(n: int) -> None:
+            if bar.total is None and _DATA:
+                data = next(iter(_DATA.values()))
+                bar.total = cls.total_steps(cfg.tasks, make_budget(cfg, len(data.train)),
+                                            cfg.method_options["schedule"])
+            bar.update(n)
+        yield update
+
+
+class Sweep:
+    """Runs configurations into ``out`` on an executor; finished runs (same config hash) are
+    skipped, so a rerun resumes.
+
+    The driver (this object) owns the store: it claims each run before it starts, so that two
+    sweeps into one folder never train a run twice, writes every result file atomically when
+    its run comes back, and rebuilds the tables at most every ``TABLES_EVERY`` seconds and at
+    the end. A failed run is retried ``retries`` times in this sweep and written with a
+    traceback file; a later sweep retries it again unless ``skip_failed``. A skipped run is
+    tried again by a later sweep with a larger budget.
+    """
+
+    TABLES_EVERY = 30.0
+
+    def __init__(self, out: Path, max_params: int, warn: Callable[[str], None] = print,
+                 data_root: str | None = None, command: str = "", download: bool = False,
+                 max_train_seconds: float | None = None, executor=None, retries: int = 0,
+                 skip_failed: bool = False, progress: bool = True) -> None:
+        self.out, self.warn = Path(out), warn
+        self.runner = Runner(max_params, data_root, download, max_train_seconds, command)
+        self.executor, self.retries, self.skip_failed, self.progress = executor, retries, skip_failed, progress
+        results.check_writable(self.out)
+
+    def _keep(self, run: dict) -> bool:
+        """A run on disk that this sweep does not run again."""
+        status = run.get("status")
+        return (status == "ok" or (status == "failed" and self.skip_failed)
+                or (status == "skipped" and self._still_skipped(run)))
+
+    def _still_skipped(self, run: dict) -> bool:
+        """Skipped under budgets no larger than the current ones."""
+        then = run.get("budgets") or {}
+        for name, now in self.runner.budgets().items():
+            before = then.get(name)
+            if (before is None) != (now is None) or (now is not None and now > before):
+                return False
+        return True
+
+    def _finished_one(self, key: str) -> dict | None:
+        for path in (self.out / "runs").glob(f"*_{key}.json"):
+            run = results.read_run(path)
+            if run is not None and run["key"] == key and self._keep(run):
+                return run
+        return None
+
+    def finished(self) -> dict[str, dict]:
+        return {r["key"]: r for r in results.load_runs(self.out, warn=self.warn) if self._keep(r)}
+
+    def run(self, configs: list[RunConfig]) -> list[dict]:
+        from mtlbench.executors import LocalExecutor
+        results.refresh_tables(self.out, warn=self.warn)  # mends tables a killed writer left behind
+        done = self.finished()
+        todo = [c for c in configs if c.key() not in done]
+        if len(todo) < len(configs):
+            self.warn(f"mtlbench: {len(configs) - len(todo)} of {len(configs)} runs already finished "
+                      f"in {self.out}; skipping them")
+        executor = self.executor or LocalExecutor(step_bar=_step_bar)
+        if isinstance(executor, LocalExecutor):
+            if executor.step_bar is None and self.progress:
+                executor.step_bar = _step_bar
+            if todo:  # missing dataset files: one line before any display (the data stays cached)
+                data_for(todo[0], self.runner.data_root, self.runner.download)
+        progress = Progress(len(todo), self.progress)
+        pending, running, elsewhere = list(reversed(todo)), {}, []
+        last = time.monotonic()
+        try:
+            while pending or running:
+                while pending and len(running) < executor.slots:
+                    cfg = pending.pop()
+                    if not self.acquire(cfg.key()):  # another sweep into this folder is training it
+                        elsewhere.append(cfg)
+                        progress.finished("skipped", was_running=False)
+                        continue
+                    found = self._finished_one(cfg.key())  # finished by another sweep meanwhile
+                    if found is not None:
+                        self.release(cfg.key())
+                        done[cfg.key()] = found
+                        progress.finished(found["status"], was_running=False)
+                        continue
+                    running[executor.submit(self.runner, cfg)] = (cfg, 1)
+                    progress.started()
+                if not running:  # every run left is being trained elsewhere
+                    continue
+                for handle, (kind, value) in executor.wait(list(running)):
+                    cfg, attempt = running.pop(handle)
+                    if kind == "input-error":
+                        self.release(cfg.key())
+                        message, host = value
+                        raise MtlbenchError(message if isinstance(executor, LocalExecutor) else f"{message} (on {host})")
+                    result = value if "key" in value else {**self.runner.envelope(cfg), **value}
+                    result.update(executor=executor.describe(), attempts=attempt)
+                    label = f"{result['label']} T={cfg.tasks} seed={cfg.seed}"
+                    if result["status"] == "failed" and attempt <= self.retries:
+                        progress.note(f"mtlbench: {label} failed ({result['reason'].splitlines()[0]}); "
+                                      f"retrying ({attempt} of {self.retries})", self.warn)
+                        running[executor.submit(self.runner, cfg)] = (cfg, attempt + 1)
+                        continue
+                    if result["status"] != "ok":
+                        progress.note(f"mtlbench: {label} {result['status']}: "
+                                      f"{str(result.get('reason', '')).splitlines()[0] if result.get('reason') else ''}",
+                                      self.warn)
+                    self.record(result)
+                    self.release(cfg.key())
+                    done[cfg.key()] = result
+                    progress.finished(result["status"])
+                if time.monotonic() - last > self.TABLES_EVERY:  # a killed sweep leaves current tables
+                    results.refresh_tables(self.out, warn=lambda m: None)
+                    last = time.monotonic()
+        except BaseException:
+            progress.bar.leave = False  # the error's line alone
+            executor.stop()
+            for cfg, _ in running.values():
+                self.release(cfg.key())
+            with contextlib.suppress(Exception):
+                results.refresh_tables(self.out, warn=lambda m: None)  # what finished, in the tables
+            raise
+        else:
+            executor.close()
+        finally:
+            progress.close()
+            if isinstance(executor, LocalExecutor):
+                forget_data()
+        if elsewhere:
+            self.warn(f"mtlbench: {len(elsewhere)} run(s) were being trained by another sweep into {self.out}; "
+                      "rerun this command once it has finished to collect them")
+        return [done[c.key()] for c in configs if c.key() in done]
+
+    def record(self, result: dict) -> Path:
+        """Write a finished run's file (and, for a failed run, its traceback beside it)."""
+        path = self._free_path(result)
+        if result.get("status") == "failed" and result.get("traceback"):
+            tb = path.with_name(path.stem + ".traceback.txt")
+            tb.write_text(f"{result.get('reason', '')}\n\n{result['traceback']}")
+            result["traceback_file"] = tb.name
+        results.write_json_atomic(path, result)
+        return path
+
+    def run_one(self, cfg: RunConfig) -> dict:
+        """Train ``cfg`` here and write its result (no claim, no retry)."""
+        result = self.runner(cfg)
+        self.record(result)
+        return result
+
+    def _claim_path(self, key: str) -> Path:
+        folder = self.out / "runs" / ".claims"
+        folder.mkdir(exist_ok=True)
+        return folder / f"{key}.claim"
+
+    def acquire(self, key: str) -> bool:
+        """Claim run ``key`` before it starts: a file holding this process's PID and host. A
+        live claim of another process is respected (False); a dead one on this host is taken
+        over."""
+        path = self._claim_path(key)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    owner = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    owner = {}
+                if owner.get("host") == me["host"] and not _alive(owner.get("pid")):
+                    path.unlink(missing_ok=True)  # its process is gone: take it over
+                    continue
+                return False
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return True
+        return False
+
+    def release(self, key: str) -> None:
+        self._claim_path(key).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def claim(self, key: str) -> Iterator[bool]:
+        """``acquire`` for the ``with`` block, released at its end."""
+        mine = self.acquire(key)
+        try:
+            yield mine
+        finally:
+            if mine:
+                self.release(key)
 
     def _free_path(self, result: dict) -> Path:
         """The run's file name, unless an unreadable file holds it: that is never overwritten."""
@@ -274,29 +457,3 @@ class Sweep:
             path = path.with_name(f"{path.stem}.{n}.json")
             n += 1
         return path
-
-    def _attempt(self, cfg: RunConfig, data) -> dict:
-        label = f"{METHODS.get(cfg.method).label(cfg.method_options)} T={cfg.tasks} seed={cfg.seed}"
-        cls = METHODS.get(cfg.method)
-        total = cls.total_steps(cfg.tasks, make_budget(cfg, len(data.train)), cfg.method_options["schedule"])
-        with tqdm(total=total, desc=label, leave=False, unit="step", dynamic_ncols=True) as bar:
-            try:
-                return {"status": "ok", **execute(cfg, data, bar.update, self.max_train_seconds)}
-            except MtlbenchError:
-                raise  # bad input: one line and exit 2, not a failed run
-            except OverBudget as over:
-                self.warn(f"mtlbench: {label} skipped: {over}")
-                return {"status": "skipped", "reason": str(over), "probe": {
-                    k: v for k, v in over.details.items() if k not in ("params", "flops")},
-                    "params": over.details["params"], "flops": over.details["flops"],
-                    "memory": {"peak_bytes": over.details["peak_memory_bytes"], "how": over.details["memory_how"]
-                               + " (during the probe steps)"}, "budgets": self.budgets()}
-            except Exception as exc:
-                # Out of memory, a non-finite loss, a kernel failure, a plugin's bug: record it
-                # and go on with the sweep.
-                log.debug("run failed", exc_info=True)
-                self.warn(f"mtlbench: {label} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
-                return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}",
-                        "traceback": traceback.format_exc()}
-            finally:
-                gc.collect()
