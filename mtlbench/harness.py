@@ -224,8 +224,8 @@ class Progress:
 
     def __init__(self, total: int, enabled: bool = True) -> None:
         self.counts = {"done": 0, "running": 0, "failed": 0, "skipped": 0}
-        self.bar = tqdm(total=total, unit="run", desc="runs", delay=0.5, dynamic_ncols=True, disable=not enabled or not total,
-                        bar_format="{desc}: {n}/{total} |{bar}| [{elapsed}<{remaining} left]")
+        self.bar = tqdm(total=total, unit="run", desc="runs", delay=0.5, dynamic_ncols=True,
+                        disable=not enabled or not total, bar_format="{desc}: {n}/{total} |{bar}| [{elapsed}<{remaining} left]")
         self._show()
 
     def _show(self) -> None:

@@ -137,6 +137,21 @@ def test_noisy_tasks_are_the_declared_fraction_and_flip_at_the_declared_rate():
         assert flipped[~torch.tensor(flags)].max() == 0  # clean tasks untouched
 
 
+def test_transfer_training_labels_flip_at_the_declared_rate_and_test_labels_stay_clean():
+    noisy, clean = regime("transfer", tasks=20, num_train=4000), regime("transfer", tasks=20, num_train=4000,
+                                                                          train_label_noise=0.0)
+    flipped = (noisy.labels != clean.labels).float().mean(dim=0)
+    assert flipped.sub(0.2).abs().max() < 0.03  # every task, about 0.2
+    assert torch.corrcoef((noisy.labels != clean.labels).float().t()).fill_diagonal_(0).abs().max() < 0.1  # independent
+    assert all(i["train_label_noise"] == 0.2 for i in noisy.task_info)
+    test = Synthetic(split="test", num_tasks=20, config=SyntheticConfig(regime="transfer", num_test=500))
+    exact = Synthetic(split="test", num_tasks=20, config=SyntheticConfig(regime="transfer", num_test=500,
+                                                                         train_label_noise=0.0))
+    assert torch.equal(test.labels, exact.labels)
+    assert Synthetic.canonical_options({"regime": "transfer"})["train_label_noise"] == 0.2
+    assert "train_label_noise" not in Synthetic.canonical_options({"regime": "interference"})  # keys unchanged
+
+
 def _probe(x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor, hidden: int) -> float:
     """Train a linear (hidden=0) or one-hidden-layer probe; test balanced accuracy."""
     torch.manual_seed(0)
@@ -157,7 +172,7 @@ def test_probes_on_the_true_factors_reach_the_ceiling(name):
     # Labels are exact functions of the factors: a linear probe reaches ~100% on linear tasks,
     # and on XOR tasks only a nonlinear probe does (a linear one stays far below): the XOR
     # regimes' tasks really need features of their own.
-    cfg = SyntheticConfig(regime=name, num_train=3000, num_test=1000)
+    cfg = SyntheticConfig(regime=name, num_train=3000, num_test=1000, train_label_noise=0.0)  # exact labels
     train, test = (Synthetic(split=s, num_tasks=4, config=cfg) for s in ("train", "test"))
     x, xt = true_factors(cfg, "train"), true_factors(cfg, "test")
     for t in range(4):
