@@ -9,6 +9,7 @@ interrupted worker leaves nothing partial behind.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -193,7 +194,7 @@ class RayExecutor(Executor):
                                 f"{resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs in all")
         self.slots = max(1, int(fits))  # claim only what the cluster can run at once
         self._remote = ray.remote(_ray_work).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
-        self._runner_ref = None
+        self._runner_ref, self._inflight = None, set()
 
     def describe(self) -> dict:
         return {"name": self.name, "address": self.address or "local instance", "cpus_per_run": self.cpus,
@@ -202,12 +203,15 @@ class RayExecutor(Executor):
     def submit(self, runner, cfg):
         if self._runner_ref is None:
             self._runner_ref = self._ray.put(runner)
-        return self._remote.remote(self._runner_ref, cfg, max(1, int(self.cpus)))
+        ref = self._remote.remote(self._runner_ref, cfg, max(1, int(self.cpus)))
+        self._inflight.add(ref)
+        return ref
 
     def wait(self, handles):
         ready, _ = self._ray.wait(list(handles), num_returns=1)
         out = []
         for ref in ready:
+            self._inflight.discard(ref)
             try:
                 out.append((ref, self._ray.get(ref)))
             except Exception as exc:  # noqa: BLE001  (a worker or node died, out of memory, ...)
@@ -216,9 +220,13 @@ class RayExecutor(Executor):
         return out
 
     def stop(self) -> None:
+        for ref in self._inflight:  # on a cluster this driver did not connect to itself, too
+            with contextlib.suppress(Exception):
+                self._ray.cancel(ref, force=True)
+        self._inflight.clear()
         self._runner_ref = None
         if self._started:
-            self._ray.shutdown()  # kills this instance's workers and every task in flight
+            self._ray.shutdown()  # disconnects; a local instance stops with its workers
 
     def close(self) -> None:
         self.stop()

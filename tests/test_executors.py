@@ -139,8 +139,10 @@ class Crasher:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("executor", ["local", "processes"])
+@pytest.mark.parametrize("executor", ["local", "processes", "ray"])
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, executor):
+    if executor == "ray":
+        pytest.importorskip("ray")
     args = ["run", "--methods", "hard,tr,stl", "--tasks", "2,3", "--out", str(tmp_path), *TINY_ARGS,
             "--executor", executor]
     args[args.index("--steps-per-task") + 1] = "40"
