@@ -246,9 +246,13 @@ def _reachable(address: str) -> None:
 
 
 def _ray_work(runner, cfg, threads: int):
+    import ray
     import torch
     torch.set_num_threads(threads)
-    return work(runner, cfg)
+    kind, value = work(runner, cfg)
+    if kind == "ok":
+        value["ray_node"] = ray.get_runtime_context().get_node_id()  # which node of the cluster trained it
+    return kind, value
 
 
 def make_executor(name: str, workers: int | None = None, threads: int | None = None,

@@ -55,6 +55,7 @@ def test_processes_and_ray_give_the_same_results_as_local(tmp_path):
     distributed = runs(tmp_path / "ray")
     same_numbers(local, distributed)
     assert {r["executor"]["cpus_per_run"] for r in distributed.values()} == {1}
+    assert all(isinstance(r["ray_node"], str) and r["ray_node"] for r in distributed.values())
     df = pd.read_csv(tmp_path / "ray" / "results.csv")
     assert len(df) == 4 == len(pd.read_parquet(tmp_path / "ray" / "results.parquet"))
 
