@@ -71,9 +71,10 @@ class LocalExecutor(Executor):
     """Sequential and in-process (the default); a run shows its steps as it trains."""
 
     def __init__(self, threads: int | None = None, step_bar: Callable | None = None) -> None:
+        import torch
         self.threads, self.step_bar, self._queue, self._n = threads, step_bar, {}, 0
+        self._before = torch.get_num_threads()  # restored at the end: the caller's process is ours
         if threads:
-            import torch
             torch.set_num_threads(threads)
 
     def describe(self) -> dict:
@@ -95,6 +96,11 @@ class LocalExecutor(Executor):
 
     def stop(self) -> None:
         self._queue.clear()
+        self.close()
+
+    def close(self) -> None:
+        import torch
+        torch.set_num_threads(self._before)
 
 
 class ProcessExecutor(Executor):
@@ -220,13 +226,14 @@ class RayExecutor(Executor):
         return out
 
     def stop(self) -> None:
-        for ref in self._inflight:  # on a cluster this driver did not connect to itself, too
-            with contextlib.suppress(Exception):
-                self._ray.cancel(ref, force=True)
+        if self._started:
+            self._ray.shutdown()  # a local instance stops with its workers; a cluster drops this job's tasks
+        else:  # a connection the caller opened stays open: cancel what this sweep started
+            for ref in self._inflight:  # (force=True can abort the driver in Ray 2.60: a race in Ray)
+                with contextlib.suppress(Exception):
+                    self._ray.cancel(ref)
         self._inflight.clear()
         self._runner_ref = None
-        if self._started:
-            self._ray.shutdown()  # disconnects; a local instance stops with its workers
 
     def close(self) -> None:
         self.stop()

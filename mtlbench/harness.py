@@ -285,6 +285,7 @@ class Sweep:
         self.out, self.warn = Path(out), warn
         self.runner = Runner(max_params, data_root, download, max_train_seconds, command)
         self.executor, self.retries, self.skip_failed, self.progress = executor, retries, skip_failed, progress
+        self._held: set[str] = set()  # keys of the claims this sweep holds
         results.check_writable(self.out)
 
     def _keep(self, run: dict) -> bool:
@@ -375,8 +376,8 @@ class Sweep:
         except BaseException:
             progress.bar.leave = False  # the error's line alone
             executor.stop()
-            for cfg, _ in running.values():
-                self.release(cfg.key())
+            for key in list(self._held):  # every claim still held, wherever the interrupt came
+                self.release(key)
             with contextlib.suppress(Exception):
                 results.refresh_tables(self.out, warn=lambda m: None)  # what finished, in the tables
             raise
@@ -432,11 +433,13 @@ class Sweep:
                 return False
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
+            self._held.add(key)
             return True
         return False
 
     def release(self, key: str) -> None:
         self._claim_path(key).unlink(missing_ok=True)
+        self._held.discard(key)
 
     @contextlib.contextmanager
     def claim(self, key: str) -> Iterator[bool]:

@@ -36,7 +36,10 @@ def same_numbers(a: dict, b: dict) -> None:
 @pytest.mark.slow
 def test_processes_and_ray_give_the_same_results_as_local(tmp_path):
     """One thread per run everywhere, so that the kernels sum in the same order."""
+    import torch
+    threads = torch.get_num_threads()
     assert main(["run", *SWEEP, "--cpus-per-run", "1", "--out", str(tmp_path / "local")]) == 0
+    assert torch.get_num_threads() == threads  # the caller's thread count is restored
     assert main(["run", *SWEEP, "--executor", "processes", "--workers", "2",
                  "--out", str(tmp_path / "processes")]) == 0
     local, pooled = runs(tmp_path / "local"), runs(tmp_path / "processes")
