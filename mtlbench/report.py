@@ -35,21 +35,31 @@ def colour(method: str) -> str:
     return PALETTE[digest % len(PALETTE)]
 
 
+def paints(series: list[tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    """(colour, line style) for each (label, method) series of one figure.
+
+    A method drawn once keeps its own colour (from its name, the same in every figure). A method
+    drawn several times (a sweep of its weightings or options) keeps its colour for its first
+    series and gives the others the palette's remaining colours in label order, so that no two
+    series of one figure look alike until the palette runs out; then the line style changes."""
+    by_method: dict[str, list[str]] = {}
+    for label, method in sorted(series):
+        by_method.setdefault(method, []).append(label)
+    out = {labels[0]: (colour(method), STYLES[0]) for method, labels in by_method.items()}
+    free = [c for c in PALETTE if c not in {paint for paint, _ in out.values()}] or PALETTE
+    extra = [label for labels in by_method.values() for label in labels[1:]]
+    for i, label in enumerate(sorted(extra)):
+        out[label] = (free[i % len(free)], STYLES[i // len(free) % len(STYLES)])
+    return out
+
+
 def _series(agg: pd.DataFrame):
-    """(label, colour, rows sorted by tasks, line style) for each series with two or more T.
-    A method's colour comes from its name; when one method has all the series (a sweep of its
-    weightings or options), they take the palette's colours in label order instead."""
+    """(label, colour, rows sorted by tasks, line style) for each series with two or more T."""
     shown = [(label, rows) for label, rows in agg.groupby("label", sort=True)
              if rows["tasks"].nunique() >= 2 or agg["tasks"].nunique() < 2]  # else: the option figure
-    one_method = len({rows["method"].iloc[0] for _, rows in shown}) == 1 and len(shown) > 1
-    styles: dict[str, int] = {}
-    for i, (label, rows) in enumerate(shown):
-        method = rows["method"].iloc[0]
-        if one_method:
-            paint, style = PALETTE[i % len(PALETTE)], STYLES[i // len(PALETTE) % len(STYLES)]
-        else:
-            styles[method] = styles.get(method, -1) + 1
-            paint, style = colour(method), STYLES[styles[method] % len(STYLES)]
+    look = paints([(label, rows["method"].iloc[0]) for label, rows in shown])
+    for label, rows in shown:
+        paint, style = look[label]
         yield label, paint, rows.sort_values("tasks"), style
 
 
@@ -188,8 +198,9 @@ def fig_per_task_accuracy(agg, runs, metric):
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 4.5))
     box = ax.boxplot([groups[label] for label in labels], patch_artist=True)
     ax.set_xticks(range(1, len(labels) + 1), labels, rotation=20)
+    look = paints([(label, methods[label]) for label in labels])
     for patch, label in zip(box["boxes"], labels):
-        patch.set(facecolor=colour(methods[label]), alpha=0.5)
+        patch.set(facecolor=look[label][0], alpha=0.5)
     ax.set(ylabel=f"per-task {METRIC_NAMES[metric]} (%)",
            title=f"Distribution of per-task test {METRIC_NAMES[metric]}, T={t} (all seeds)")
     ax.grid(alpha=0.3, axis="y")
@@ -213,14 +224,12 @@ def fig_learning_curves(agg, runs, metric):
             curves.setdefault(r["label"], []).append(points)
             methods[r["label"]] = r["config"]["method"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles: dict[str, int] = {}
+    look = paints([(label, methods[label]) for label in curves])
     for label in sorted(curves):
         length = min(len(c) for c in curves[label])
         x = np.mean([[p[0] for p in c[:length]] for c in curves[label]], axis=0)
         y = np.nanmean([[np.nan if p[1] is None else p[1] for p in c[:length]] for c in curves[label]], axis=0)
-        method = methods[label]
-        styles[method] = styles.get(method, -1) + 1
-        ax.plot(x, 100 * y, STYLES[styles[method] % len(STYLES)], marker="o", ms=3, color=colour(method), label=label)
+        ax.plot(x, 100 * y, look[label][1], marker="o", ms=3, color=look[label][0], label=label)
     ax.set(xscale="log", xlabel="supervised (image, task) pairs seen", ylabel=f"validation mean {METRIC_NAMES[metric]} (%)",
            title=f"Learning curves, T={t} (mean over seeds)")
     ax.grid(alpha=0.3, which="both")

@@ -155,6 +155,18 @@ def test_report_writes_every_figure_and_table(tmp_path, capsys):
     assert (agg["seeds"] == 2).all() and agg["mean_accuracy_ci95"].notna().all()
 
 
+def test_every_series_of_a_figure_looks_different_and_a_lone_method_keeps_its_colour():
+    from mtlbench.report import colour, paints
+    weightings = ["aligned", "cagrad", "dwa", "famo", "gradnorm", "imtl", "mgda", "nash", "pcgrad", "rlw", "uw"]
+    series = [("stl", "stl"), ("hard", "hard")] + [(f"hard+{w}", "hard") for w in weightings]
+    look = paints(series)
+    assert len(set(look.values())) == len(series)  # 13 series, 13 (colour, style) pairs
+    assert look["stl"] == (colour("stl"), "-") and look["hard"] == (colour("hard"), "-")
+    assert all(look[f"hard+{w}"][0] not in {colour("stl"), colour("hard")} for w in weightings)
+    assert paints([("tr σ=0.5", "tr"), ("hard", "hard")]) == {"tr σ=0.5": (colour("tr"), "-"),
+                                                             "hard": (colour("hard"), "-")}
+
+
 def test_compare_passes_fails_and_reports_missing(tmp_path, capsys):
     res = tmp_path / "res"
     assert main(["run", "--methods", "hard,stl", "--tasks", "2", "--out", str(res), *TINY_ARGS]) == 0
