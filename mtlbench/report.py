@@ -74,6 +74,17 @@ def _line(ax, rows, metric: str, label: str, paint: str, style: str, scale: floa
         ax.fill_between(x, y - ci.fillna(0), y + ci.fillna(0), color=paint, alpha=0.15, lw=0)
 
 
+def _legend(axes) -> None:
+    """The first panel's legend: inside it for a few series, beside the last panel for many
+    (a weighting sweep), where it hides no line."""
+    axes = list(np.atleast_1d(axes))
+    handles, labels = axes[0].get_legend_handles_labels()
+    if len(labels) > 8:
+        axes[-1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    else:
+        axes[0].legend(fontsize=8)
+
+
 def _task_axis(ax, agg) -> None:
     ticks = sorted(agg["tasks"].unique())
     ax.set_xscale("log")
@@ -101,7 +112,7 @@ def fig_accuracy_vs_tasks(agg, runs, metric):
         ax.set(ylabel=f"mean {METRIC_NAMES[m]} (%)")
         _task_axis(ax, agg)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    _legend(axes)
     fig.suptitle("Test score vs number of tasks (best-validation checkpoint; mean over seeds, 95% CI bands)")
     return fig
 
@@ -114,7 +125,7 @@ def fig_params_vs_tasks(agg, runs, metric):
     ax.set(ylabel="trainable parameters (count)", title="Trainable parameters vs number of tasks (measured)")
     _task_axis(ax, agg)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    _legend(ax)
     return fig
 
 
@@ -129,7 +140,7 @@ def fig_throughput_vs_tasks(agg, runs, metric):
         ax.set(ylabel=name)
         _task_axis(ax, agg)
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8)
+    _legend(axes)
     fig.suptitle("Throughput vs number of tasks (median of timed steps after warm-up)")
     return fig
 
@@ -367,7 +378,7 @@ def write_report(results_dir: Path, out: Path, title: str | None = None, warn=pr
             continue
         fig.tight_layout()
         for ext in ("png", "svg"):
-            fig.savefig(out / f"{name}.{ext}", dpi=110)
+            fig.savefig(out / f"{name}.{ext}", dpi=110, bbox_inches="tight")
             written.append(out / f"{name}.{ext}")
         plt.close(fig)
         figures.append(name)
