@@ -183,6 +183,14 @@ class GradientWeighting(Weighting):
         self.record(c)
 
 
+def run_generator() -> torch.Generator:
+    """A generator for a weighting's own random draws (``rlw``'s weights, ``pcgrad``'s orders),
+    seeded with the run's seed: the engine seeds torch with it before building the method, and
+    ``torch.initial_seed`` returns that seed without drawing from the global stream. So seeds
+    differ in these draws too, and the same seed repeats them."""
+    return torch.Generator().manual_seed(torch.initial_seed())
+
+
 def task_gradients(losses: torch.Tensor, params: list[torch.Tensor], scale: float, trainer) -> torch.Tensor:
     """Row t: the gradient of ``losses[t]`` on ``params``, flattened ``[T, P]`` (unscaled)."""
     rows = []

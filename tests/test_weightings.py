@@ -147,6 +147,25 @@ def test_rlw_weights_are_t_times_a_softmax_of_gaussian_noise():
     assert draws.mean(dim=0).tolist() == pytest.approx([1.0, 1.0, 1.0], abs=0.05)  # exchangeable
 
 
+def test_random_weightings_draw_from_the_run_seed():
+    def rlw_draws(seed):
+        torch.manual_seed(seed)  # what the engine does before it builds the method
+        rlw = weighting("rlw", 4)
+        torch.rand(10)  # draws from the global stream after construction do not matter
+        return torch.stack([rlw.weights(torch.ones(4)) for _ in range(5)])
+
+    def pcgrad_orders(seed):
+        torch.manual_seed(seed)
+        pc = weighting("pcgrad", 5)
+        return [torch.randperm(5, generator=pc.generator).tolist() for _ in range(5)]
+
+    assert torch.equal(rlw_draws(1), rlw_draws(1)) and pcgrad_orders(1) == pcgrad_orders(1)
+    assert not torch.equal(rlw_draws(1), rlw_draws(2)) and pcgrad_orders(1) != pcgrad_orders(2)
+    g = torch.Generator().manual_seed(0)  # seed 0 draws what it drew before the seed was used
+    old = torch.stack([4 * torch.softmax(torch.randn(4, generator=g, dtype=torch.float64), 0) for _ in range(5)])
+    assert torch.allclose(rlw_draws(0), old.float())
+
+
 def test_famo_weights_and_logit_update_follow_the_paper():
     famo = weighting("famo", 2, lr=0.5, decay=0.0)
     losses = torch.tensor([1.0, 4.0])

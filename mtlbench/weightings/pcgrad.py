@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from mtlbench.registry import register_weighting
-from mtlbench.weighting import GradientWeighting
+from mtlbench.weighting import GradientWeighting, run_generator
 
 
 def project(gram: torch.Tensor, orders: list[list[int]]) -> torch.Tensor:
@@ -39,7 +39,7 @@ class PCGrad(GradientWeighting):
 
     def __init__(self, num_tasks: int, options) -> None:
         super().__init__(num_tasks, options)
-        self.generator = torch.Generator().manual_seed(0)
+        self.generator = run_generator()
 
     def coefficients(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         t = len(gram)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from mtlbench.registry import register_weighting
-from mtlbench.weighting import LossWeighting
+from mtlbench.weighting import LossWeighting, run_generator
 
 
 @register_weighting("rlw", "Random loss weighting: softmax of Gaussian noise each step.")
@@ -18,7 +18,7 @@ class RandomWeighting(LossWeighting):
 
     def __init__(self, num_tasks: int, options) -> None:
         super().__init__(num_tasks, options)
-        self.generator = torch.Generator().manual_seed(0)
+        self.generator = run_generator()
 
     def weights(self, losses: torch.Tensor) -> torch.Tensor:
         eps = torch.randn(len(losses), generator=self.generator, dtype=torch.float64)
