@@ -325,7 +325,8 @@ class Synthetic(TaskDataset):
     config_class = SyntheticConfig
     max_tasks = MAX_TASKS
     # The default regime's budget. Doubling it moves each method's mean balanced accuracy by
-    # less than a point (the README has the measurements); half of it does not converge.
+    # less than a point, except separate at T=40 (the README has the measurements); half of it
+    # does not converge.
     default_budget = REGIMES["default"].budget
     default_pos_weight = "none"  # about 50% positives: the weight would be about 1
     mean = (0.42, 0.42, 0.42)
