@@ -36,6 +36,15 @@ that each has an ordering of methods its construction predicts (``REGIMES[name].
 - ``mixed``: XOR tasks in clusters of ``cluster_size`` (5): a task mixes its cluster's pair
   of directions and thresholds with its own by the relatedness (0.8), so tasks share a feature
   within a cluster and compete across clusters. ``task_info`` records each task's cluster.
+- ``capacity``: interference that grows with T. The images are sums of 24 gratings (3 colours,
+  4 orientations, 2 frequencies), each present or absent with its own chance in [0.3, 0.7] and
+  drawn with a random phase; task t is the XOR of two presence bits, its own pair of the 276.
+  Each task needs the product of its two bits, and for T <= 276 these products are distinct
+  and nearly orthogonal (two tasks' labels correlate by 0.02 on average): a linear read-out of
+  a d-wide shared layer can fit at most d of T orthonormal targets in total squared
+  correlation, so once T passes d a shared trunk cannot hold every task's feature. One network
+  per task needs one product whatever T is. 4000 images, 32 epochs (hard at T=40 needs them to
+  converge); tasks past 276 repeat pairs.
 - ``noisy``: the default tasks, but a fraction ``noisy_fraction`` (0.25) of them have each
   label flipped with chance ``label_noise`` (0.5: no signal at all). Task t is noisy when
   ``floor((t+1) f) > floor(t f)``, so the same tasks are noisy whatever T is.
@@ -73,7 +82,7 @@ FACTORS_PER_TASK = 2
 
 @dataclass
 class SyntheticConfig:
-    regime: str = "default"             # default, transfer, interference, mixed or noisy
+    regime: str = "default"             # default, transfer, interference, mixed, noisy or capacity
     relatedness: float | None = None    # None: the regime's own (see REGIMES)
     num_train: int | None = None        # None: the regime's own
     num_test: int = 1000
@@ -89,7 +98,7 @@ class SyntheticConfig:
 class Regime:
     """A regime's defaults, and the ordering its construction predicts (for reports)."""
 
-    kind: str             # linear threshold tasks, or XOR of two thresholds
+    kind: str             # linear threshold tasks, XOR of two thresholds, or XOR of two presence bits ("pairs")
     relatedness: float
     num_train: int
     budget: dict
@@ -112,6 +121,10 @@ REGIMES = {
                     "cluster and compete across clusters"),
     "noisy": Regime("linear", 0.5, 10000, {"epochs": 4},
                     "under hard, clean tasks lose accuracy as the noisy fraction grows"),
+    "capacity": Regime("pairs", 0.0, 4000, {"epochs": 32},
+                       "stl > hard, increasingly with T: each task is the XOR of its own pair of 24 "
+                       "independent presence bits, orthogonal functions a shared layer of width d can only "
+                       "hold d of"),
 }
 REGIME_OPTIONS = ("cluster_size", "noisy_fraction", "label_noise")  # options only some regimes read
 FACTOR_NAMES = ("round", "simple", "x", "y", "size", "hue_cos", "hue_sin", "background", "stripe_freq",
@@ -193,6 +206,48 @@ def render(z: dict[str, torch.Tensor], size: int, g: torch.Generator) -> torch.T
     return img.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
 
 
+# ``capacity``'s images: 24 gratings, one per (colour, orientation, frequency in cycles per image).
+GRATINGS = tuple((c, o, f) for c in range(3) for o in (0, 45, 90, 135) for f in (2, 4))
+GRATING_NAMES = tuple(f"{'rgb'[c]}{o}f{f}" for c, o, f in GRATINGS)
+GRATING_AMPLITUDE = 0.12
+
+
+def grating_rates(g: torch.Generator) -> torch.Tensor:
+    """Each grating's chance of being present, in [0.3, 0.7]: an XOR of two bits whose rates
+    are not 0.5 correlates a little with each bit, which gives gradient descent a first foothold."""
+    return 0.3 + 0.4 * torch.rand(len(GRATINGS), generator=g)
+
+
+def grating_bits(n: int, rates: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return (torch.rand(n, len(GRATINGS), generator=g) < rates).float()
+
+
+def render_gratings(bits: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """Grey plus the present gratings, each in its colour channel with a random phase -> uint8
+    ``[n, 3, size, size]``. A grating's energy does not depend on where it is looked at, so a
+    CNN with global pooling can read every bit."""
+    n, k = bits.shape
+    per_colour = k // 3  # GRATINGS is colour-major: each channel is one small matmul
+    grid = (torch.arange(size) + 0.5) / size
+    _, o, f = (torch.tensor(v, dtype=torch.float32) for v in zip(*GRATINGS))
+    theta = torch.deg2rad(o).view(k, 1, 1)
+    arg = (2 * math.pi * f.view(k, 1, 1) * (theta.cos() * grid.view(1, 1, -1) + theta.sin() * grid.view(1, -1, 1)))
+    arg = arg.view(3, per_colour, size * size)
+    basis = torch.cat([arg.cos(), arg.sin()], dim=1)  # [3, 2 per_colour, size²]
+    phase = 2 * math.pi * torch.rand(n, k, generator=g)
+    coef = torch.cat([(bits * phase.cos()).view(n, 3, per_colour), -(bits * phase.sin()).view(n, 3, per_colour)],
+                     dim=2)  # cos(arg + phase) = cos arg cos phase - sin arg sin phase
+    img = torch.einsum("ncj,cjp->ncp", coef, basis).view(n, 3, size, size).mul_(GRATING_AMPLITUDE).add_(0.5)
+    img.add_(0.04 * torch.randn(n, 1, size, size, generator=g))  # luminance noise, as render() has
+    return img.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+
+
+def grating_pairs(g: torch.Generator) -> torch.Tensor:
+    """All 276 pairs of gratings in a random order ``[276, 2]``: task t reads pair t mod 276."""
+    pairs = torch.combinations(torch.arange(len(GRATINGS)), 2)
+    return pairs[torch.randperm(len(pairs), generator=g)]
+
+
 def _sparse_directions(n: int, g: torch.Generator) -> torch.Tensor:
     """``n`` random unit vectors, each using ``FACTORS_PER_TASK`` factors with random signs."""
     support = torch.rand(n, NUM_FACTORS, generator=g).argsort(dim=1)[:, :FACTORS_PER_TASK]
@@ -247,8 +302,12 @@ class TaskSet:
     qb: torch.Tensor | None = None
     cluster: list[int] | None = None
     noisy: list[bool] = dataclasses.field(default_factory=list)
+    pairs: torch.Tensor | None = None  # capacity: ``[T, 2]`` grating indices; label = bit XOR bit
 
     def labels(self, z: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        if self.pairs is not None:  # z: standardised presence bits, > 0 exactly where present
+            return (z[:, self.pairs[:, 0]] > 0) ^ (z[:, self.pairs[:, 1]] > 0)
+
         def side(w, q):
             thr = (ref @ w.t()).median(dim=0).values if q is None else _quantile_rows(ref @ w.t(), q)
             return z @ w.t() > thr
@@ -269,6 +328,9 @@ def define_tasks(cfg: SyntheticConfig, num_tasks: int, gen) -> TaskSet:
     noisy = noisy_tasks(num_tasks, fraction)
     if regime.kind == "linear":  # the default regime's tasks, drawn from the same stream
         return TaskSet(task_directions(num_tasks, cfg.relatedness, gen(0)), None, noisy=noisy)
+    if regime.kind == "pairs":
+        pairs = grating_pairs(gen(4))
+        return TaskSet(None, None, noisy=noisy, pairs=pairs[torch.arange(num_tasks) % len(pairs)])
     g = gen(4)
     # Each cluster has a base pair of directions and threshold quantiles; a task mixes its own
     # with its cluster's by the relatedness. ``interference`` is one cluster at relatedness 0.
@@ -295,6 +357,15 @@ def describe(tasks: TaskSet, cfg: SyntheticConfig, names: list[str]) -> list[dic
     def weights(w):
         return {FACTOR_NAMES[i]: round(float(w[i]), 4) for i in w.nonzero().flatten().tolist()}
     out = []
+    if tasks.pairs is not None:
+        rates = grating_rates(_stream(cfg, 5))
+        for t, name in enumerate(names):
+            i, j = tasks.pairs[t].tolist()
+            out.append({"task": name, "kind": "xor", "a": {GRATING_NAMES[i]: 1.0}, "b": {GRATING_NAMES[j]: 1.0},
+                        "quantile_a": round(1 - float(rates[i]), 4), "quantile_b": round(1 - float(rates[j]), 4),
+                        "factors": [GRATING_NAMES[i], GRATING_NAMES[j]], "cluster": None,
+                        "noisy": False, "label_noise": 0.0})
+        return out
     for t, name in enumerate(names):
         info = {"task": name, "kind": "xor" if tasks.b is not None else "linear", "a": weights(tasks.a[t]),
                 "quantile_a": 0.5 if tasks.qa is None else round(float(tasks.qa[t]), 4)}
@@ -309,18 +380,41 @@ def describe(tasks: TaskSet, cfg: SyntheticConfig, names: list[str]) -> list[dic
     return out
 
 
+def _stream(cfg: SyntheticConfig, k: int) -> torch.Generator:
+    """Independent streams: 0 and 4 task definitions, 1 the reference sample, 2 and 3 the train
+    and test splits, 5 the gratings' rates."""
+    return torch.Generator().manual_seed(cfg.data_seed * 10 + k)
+
+
+def _reference(cfg: SyntheticConfig) -> torch.Tensor:
+    """The raw factors of the fixed reference sample that standardises factors and sets thresholds."""
+    if REGIMES[cfg.regime].kind == "pairs":
+        return grating_bits(4096, grating_rates(_stream(cfg, 5)), _stream(cfg, 1))
+    return _factors(_latents(4096, _stream(cfg, 1)))
+
+
+def _draw(cfg: SyntheticConfig, split: str, images: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``split``'s images (when asked for) and raw factors, from the split's own stream."""
+    g = _stream(cfg, 2 if split == "train" else 3)
+    n = cfg.num_train if split == "train" else cfg.num_test
+    if REGIMES[cfg.regime].kind == "pairs":
+        bits = grating_bits(n, grating_rates(_stream(cfg, 5)), g)
+        return (render_gratings(bits, cfg.image_size, g) if images else None), bits
+    z = _latents(n, g)
+    return (render(z, cfg.image_size, g) if images else None), _factors(z)
+
+
 def true_factors(config: SyntheticConfig, split: str) -> torch.Tensor:
-    """The standardised factors ``[N, 11]`` of ``split``'s images, in image order (for probes:
-    what a model that read the factors perfectly would see)."""
+    """The standardised factors ``[N, F]`` of ``split``'s images, in image order (for probes:
+    what a model that read the factors perfectly would see). F is 11, or 24 presence bits for
+    ``capacity``."""
     cfg = resolve(config)
-    gen = lambda k: torch.Generator().manual_seed(cfg.data_seed * 10 + k)  # noqa: E731
-    ref = _factors(_latents(4096, gen(1)))
-    z = _latents(cfg.num_train if split == "train" else cfg.num_test, gen(2 if split == "train" else 3))
-    return (_factors(z) - ref.mean(dim=0)) / ref.std(dim=0)
+    ref = _reference(cfg)
+    return (_draw(cfg, split, images=False)[1] - ref.mean(dim=0)) / ref.std(dim=0)
 
 
 @register_dataset("synthetic", "Generated shapes with latent factors; up to 4096 binary tasks; regimes: "
-                  "default, transfer, interference, mixed, noisy.")
+                  "default, transfer, interference, mixed, noisy, capacity.")
 class Synthetic(TaskDataset):
     config_class = SyntheticConfig
     max_tasks = MAX_TASKS
@@ -362,15 +456,11 @@ class Synthetic(TaskDataset):
             num_tasks = max(all_names.index(n) for n in task_names) + 1
         check_num_tasks(num_tasks, MAX_TASKS, "synthetic")
         self.config = cfg
-        # Independent streams: task definitions, reference sample, and each split.
-        gen = lambda k: torch.Generator().manual_seed(cfg.data_seed * 10 + k)  # noqa: E731
-        ref = _factors(_latents(4096, gen(1)))
+        ref = _reference(cfg)
         loc, scale = ref.mean(dim=0), ref.std(dim=0)
-        tasks = define_tasks(cfg, num_tasks, gen)
-        g = gen(2 if split == "train" else 3)
-        z = _latents(cfg.num_train if split == "train" else cfg.num_test, g)
-        self.images = render(z, cfg.image_size, g)
-        labels = tasks.labels((_factors(z) - loc) / scale, (ref - loc) / scale)
+        tasks = define_tasks(cfg, num_tasks, lambda k: _stream(cfg, k))
+        self.images, factors = _draw(cfg, split, images=True)
+        labels = tasks.labels((factors - loc) / scale, (ref - loc) / scale)
         labels = flip_noisy(labels, tasks.noisy, cfg.label_noise, cfg.data_seed * 2 + (split == "test"))
         if split == "train" and cfg.train_label_noise:  # every task, its own stream; the test split stays clean
             labels = flip_noisy(labels, [True] * num_tasks, cfg.train_label_noise, 2 ** 40 + cfg.data_seed)
