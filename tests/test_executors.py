@@ -150,8 +150,11 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, executor):
     args = ["run", "--methods", "hard,tr,stl", "--tasks", "2,3", "--out", str(tmp_path), *TINY_ARGS,
             "--executor", executor]
     args[args.index("--steps-per-task") + 1] = "40"
+    # A shell ignores SIGINT in what it starts in the background (POSIX), and a child inherits
+    # that: give the command Ctrl-C's default, so that the test holds however pytest was started.
     proc = subprocess.Popen([sys.executable, "-m", "mtlbench.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not list((tmp_path / "runs").glob("*.json")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
