@@ -19,9 +19,9 @@ correlate more strongly as r grows. Factors differ in how easily a CNN reads the
 brightness are easy; shape and stripe orientation are hard), so tasks range from easy to
 hard, as real attributes do.
 
-Regimes (``-o dataset.regime=NAME``) change how tasks are defined (``capacity`` also draws its own
-images), so
-that each has an ordering of methods its construction predicts (``REGIMES[name].expected``):
+Regimes (``-o dataset.regime=NAME``) change how tasks are defined (``capacity`` also draws its
+own images), so that each has an ordering of methods its construction predicts
+(``REGIMES[name].expected``):
 
 - ``default``: the linear tasks above.
 - ``transfer``: the same linear tasks at relatedness 0.9, with 400 training images whose
