@@ -44,8 +44,8 @@ own images), so that each has an ordering of methods its construction predicts
   and nearly orthogonal (two tasks' labels correlate by 0.02 on average): a linear read-out of
   a d-wide shared layer can fit at most d of T orthonormal targets in total squared
   correlation, so once T passes d a shared trunk cannot hold every task's feature. One network
-  per task needs one product whatever T is. 4000 images, 32 epochs (hard at T=40 needs them to
-  converge); tasks past 276 repeat pairs.
+  per task needs one product whatever T is. 4000 images, 32 epochs (hard needs them to converge at
+  T=40, and 64 at T=100); tasks past 276 repeat pairs.
 - ``noisy``: the default tasks, but a fraction ``noisy_fraction`` (0.25) of them have each
   label flipped with chance ``label_noise`` (0.5: no signal at all). Task t is noisy when
   ``floor((t+1) f) > floor(t f)``, so the same tasks are noisy whatever T is.
@@ -124,8 +124,8 @@ REGIMES = {
                     "under hard, clean tasks lose accuracy as the noisy fraction grows"),
     "capacity": Regime("pairs", 0.0, 4000, {"epochs": 32},
                        "stl > hard, increasingly with T: each task is the XOR of its own pair of 24 "
-                       "independent presence bits, orthogonal functions a shared layer of width d can only "
-                       "hold d of"),
+                       "independent presence bits, nearly orthogonal functions of which a shared layer of "
+                       "width d can hold about d"),
 }
 REGIME_OPTIONS = ("cluster_size", "noisy_fraction", "label_noise")  # options only some regimes read
 FACTOR_NAMES = ("round", "simple", "x", "y", "size", "hue_cos", "hue_sin", "background", "stripe_freq",
