@@ -236,7 +236,9 @@ class Method(nn.Module):
             if weighting.uses_representation:
                 z, head = self.representation(x, tasks)
                 rep = (z, z.detach().requires_grad_())
-                logits = head(rep[1])
+                # The heads read a view of the leaf, not the leaf itself: hooks on module inputs
+                # (FlopCounterMode's module tracker) cannot run during autograd.grad on a leaf.
+                logits = head(rep[1].view_as(rep[1]))
             else:
                 logits = self(x, tasks)
         losses = trainer.losses(logits, y, tasks)

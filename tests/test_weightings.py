@@ -327,3 +327,19 @@ def test_a_run_records_its_weights_over_training(tmp_path, capsys):
     assert summary["name"] == "uw" and summary["steps"] == 2 and len(summary["snapshots"]) >= 1
     assert "weighting" not in runs["tr σ=0.5"]["train"]
     assert "weighting" not in runs["tr σ=0.5"]["config"]["method_options"]
+
+
+def test_representation_gradients_run_end_to_end(tmp_path):
+    """``grads=rep`` through the whole run, FLOP counting included (it once failed there:
+    the module tracker's hooks on a leaf input cannot run inside autograd.grad)."""
+    from mtlbench.cli import main
+    import json
+    from helpers import TINY_ARGS
+    assert main(["run", "--methods", "hard", "--weighting", "mgda,pcgrad", "-o", "weighting.grads=rep",
+                 "--tasks", "3", "--out", str(tmp_path), *TINY_ARGS]) == 0
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
+    assert sorted(r["label"] for r in runs) == ["hard+mgda", "hard+pcgrad"]
+    for r in runs:
+        assert r["status"] == "ok", r.get("traceback")
+        assert r["train"]["weighting"]["options"]["grads"] == "rep"
+        assert r["flops"]["train_per_pair"] > r["flops"]["forward_per_image_task"] > 0
