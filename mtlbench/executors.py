@@ -14,6 +14,8 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
+import time
 import traceback
 from typing import Any, Callable, Iterable
 
@@ -33,10 +35,21 @@ def work(runner, cfg, progress: Callable[[int], None] | None = None) -> tuple[st
 
 def _worker_init(threads: int) -> None:
     """A pool worker: ``threads`` torch threads, and SIGINT left to the driver (which stops
-    the pool), so that Ctrl-C prints no traceback from every worker."""
+    the pool), so that Ctrl-C prints no traceback from every worker. A worker whose driver
+    dies (SIGKILL, SIGTERM, a lost terminal) exits too, instead of training on to the end of a
+    run whose result nobody will write."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,
+                     name="mtlbench-orphan-watch").start()
     import torch
     torch.set_num_threads(threads)
+
+
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """Exit this process once its parent is gone (it is then re-parented, so the id changes)."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
 
 
 def _failed(reason: str, tb: str = "") -> tuple[str, dict]:

@@ -26,3 +26,15 @@ def with_method(cfg: RunConfig, method: str, **changes) -> RunConfig:
     options = {k: v for k, v in changes.items() if k not in RUN_FIELDS}
     resolved = METHODS.get(method).resolve_options(options)
     return dataclasses.replace(cfg, method=method, method_options=resolved, **run)
+
+
+class Sleeper:
+    """A pool runner that writes its process id to ``cfg`` (a path) and then sleeps, as a long run."""
+
+    def __call__(self, cfg, progress=None):
+        import os
+        import time
+        with open(cfg, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(300)
+        return {"status": "ok"}

@@ -132,6 +132,47 @@ def test_a_worker_that_dies_fails_its_run_and_the_pool_recovers():
         pool.close()
 
 
+ORPHAN_DRIVER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from helpers import Sleeper
+from mtlbench.executors import ProcessExecutor
+pool = ProcessExecutor(workers=1, threads=1)
+pool.wait([pool.submit(Sleeper(), sys.argv[2])])
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_pool_worker_exits_when_its_driver_is_killed(tmp_path, sig):
+    pid_file = tmp_path / "worker.pid"
+    driver = subprocess.Popen([sys.executable, "-c", ORPHAN_DRIVER, os.path.dirname(__file__), str(pid_file)])
+    try:
+        deadline = time.time() + 120
+        while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+            time.sleep(0.05)
+        worker = int(pid_file.read_text())
+        assert _alive(worker)
+        driver.send_signal(sig)
+        driver.wait(timeout=30)
+        deadline = time.time() + 30
+        while _alive(worker) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker), "the worker outlived its driver"
+    finally:
+        driver.kill()
+        if pid_file.exists() and pid_file.read_text() and _alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
 class Crasher:
     def __init__(self, exit: bool = True) -> None:
         self.exit = exit
