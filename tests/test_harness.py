@@ -454,3 +454,17 @@ def test_an_output_folder_whose_root_is_not_writable_fails_before_training(tmp_p
         assert "cannot write results" in capsys.readouterr().err
     finally:
         out.chmod(0o755)
+
+
+def test_a_budget_given_as_a_whole_float_is_the_same_setting_as_the_default_int():
+    # `--epochs 4` is parsed as 4.0, while the dataset default resolves to 4: one setting, so
+    # Δm finds its reference and aggregation puts the runs together.
+    from helpers import tiny_config
+    from mtlbench.config import reference_key, setting_key
+    base = tiny_config(epochs=4, steps_per_task=None).to_dict()
+    given = dict(base, epochs=4.0)
+    other_method = dict(given, method="stl", method_options={})
+    assert setting_key(given) == setting_key(base)
+    assert reference_key(other_method) == reference_key(base)
+    assert setting_key(dict(base, epochs=4.5)) != setting_key(base)
+    assert setting_key(dict(base, lr=0.003)) != setting_key(dict(base, lr=0.004))
