@@ -468,3 +468,21 @@ def test_a_budget_given_as_a_whole_float_is_the_same_setting_as_the_default_int(
     assert reference_key(other_method) == reference_key(base)
     assert setting_key(dict(base, epochs=4.5)) != setting_key(base)
     assert setting_key(dict(base, lr=0.003)) != setting_key(dict(base, lr=0.004))
+
+
+def test_report_prints_one_budget_for_4_and_4_point_0_epochs(tmp_path):
+    """``--epochs 4`` records 4.0 and a dataset's default records 4: the same budget, one line."""
+    tiny = list(TINY_ARGS)
+    i = tiny.index("--steps-per-task")
+    tiny[i:i + 2] = ["--epochs", "1"]
+    assert main(["run", "--methods", "hard", "--tasks", "2", "--seed", "0,1", "--out", str(tmp_path), *tiny]) == 0
+    files = json_files(tmp_path)
+    assert len(files) == 2
+    recorded = json.loads(files[0].read_text())
+    assert recorded["train"]["budget"]["epochs"] == 1.0
+    recorded["train"]["budget"]["epochs"] = 1
+    files[0].write_text(json.dumps(recorded))
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    line = next(t for t in (tmp_path / "rep" / "README.md").read_text().splitlines() if "budget per task" in t)
+    assert line == '- budget per task: {"epochs": 1, "batches_per_task": %d, "given_as": "epochs"}' % (
+        recorded["train"]["budget"]["batches_per_task"])
