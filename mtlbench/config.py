@@ -67,13 +67,13 @@ def digest(obj: object) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _same_numbers(value: object) -> object:
+def same_numbers(value: object) -> object:
     """``value`` with every whole float written as an int, so that equal values are one
     setting however they were given (``--epochs 4`` is the dataset default's 4)."""
     if isinstance(value, dict):
-        return {k: _same_numbers(v) for k, v in value.items()}
+        return {k: same_numbers(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_same_numbers(v) for v in value]
+        return [same_numbers(v) for v in value]
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
@@ -83,7 +83,7 @@ def setting(config: dict) -> dict:
     """A run's setting: its configuration minus the seed and minus the method's implementation
     options (``Method.implementation_options``, tested to give the same numbers), with equal
     numbers written alike (4.0 is 4)."""
-    out = _same_numbers(copy.deepcopy(config))
+    out = same_numbers(copy.deepcopy(config))
     out.pop("seed", None)
     options = out.get("method_options") or {}
     for name in _implementation_options(out.get("method")):

@@ -16,6 +16,7 @@ import pandas as pd  # noqa: E402
 
 from mtlbench import breakdown, results  # noqa: E402
 from mtlbench.aggregate import aggregate, distinct_labels, option_value, select_val  # noqa: E402
+from mtlbench.config import same_numbers  # noqa: E402
 from mtlbench.errors import MtlbenchError  # noqa: E402
 from mtlbench.registry import METHODS  # noqa: E402
 
@@ -386,11 +387,6 @@ def write_report(results_dir: Path, out: Path, title: str | None = None, warn=pr
     return written + [out / "README.md"]
 
 
-def _whole(v):
-    """4.0 epochs (from ``--epochs 4``) and a dataset's default of 4 are one budget: print both as 4."""
-    return int(v) if isinstance(v, float) and v.is_integer() else v
-
-
 def _readme(title: str, runs: list[dict], df: pd.DataFrame, agg: pd.DataFrame, figures: list[str],
             metric: str, tune: list[str] | None,
             groups: pd.DataFrame) -> str:
@@ -398,7 +394,7 @@ def _readme(title: str, runs: list[dict], df: pd.DataFrame, agg: pd.DataFrame, f
     commands = sorted({r.get("command") or "(not recorded)" for r in runs})
     commits = sorted({str(r.get("environment", {}).get("git_commit")) for r in runs})
     status = df["status"].value_counts().to_dict()
-    budgets = sorted({json.dumps({k: _whole(r["train"]["budget"][k]) for k in ("epochs", "batches_per_task", "given_as")})
+    budgets = sorted({json.dumps(same_numbers({k: r["train"]["budget"][k] for k in ("epochs", "batches_per_task", "given_as")}))
                       for r in runs if r.get("status") == "ok"})
     ref = METHODS.reference
     lines = [f"# {title}", "", "## How it was produced", "", "```"] + commands + ["```", "",
