@@ -82,10 +82,13 @@ def same_numbers(value: object) -> object:
 def setting(config: dict) -> dict:
     """A run's setting: its configuration minus the seed and minus the method's implementation
     options (``Method.implementation_options``, tested to give the same numbers), with equal
-    numbers written alike (4.0 is 4)."""
+    numbers written alike (4.0 is 4). A ``sample`` run recorded without ``stream`` was written
+    before that option existed and ran what is now ``stream=aligned``."""
     out = same_numbers(copy.deepcopy(config))
     out.pop("seed", None)
     options = out.get("method_options") or {}
+    if options.get("schedule") == "sample":  # run files from before the stream option ran this
+        options.setdefault("stream", "aligned")
     for name in _implementation_options(out.get("method")):
         options.pop(name, None)
     return out

@@ -59,6 +59,10 @@ def expand(base: RunConfig, methods: list[str], tasks: list[int], seeds: list[in
     if schedule and not any(schedule in c.schedules for c in classes.values()):
         raise MtlbenchError(f"--schedule {schedule!r} applies to none of {', '.join(methods)}")
     _check_weightings(classes, given, axes.get("weighting", []), weighting_options)
+    if "stream" in given and not any(
+            SCHEDULES[schedule if schedule in c.schedules else c.schedules[0]].streams for c in classes.values()):
+        raise MtlbenchError(f"method option stream applies to the sample schedule; none of {', '.join(classes)} "
+                            "runs it")
     out, seen = [], set()
     base = resolve_budget(base)
     for name, cls in classes.items():

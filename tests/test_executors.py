@@ -83,6 +83,10 @@ def test_ray_options_and_a_missing_ray_are_one_line(tmp_path, capsys, monkeypatc
              (["--executor", "processes", "--workers", "0"], "--workers must be at least 1"),
              (["--cpus-per-run", "0"], "--cpus-per-run must be at least 1"),
              (["--retries", "-1"], "--retries must be 0 or more")]
+    try:
+        import ray  # noqa: F401
+    except ImportError:  # without the extra, --executor ray meets the missing-Ray line first
+        cases = [(e, 'pip install -e ".[ray]"' if "ray" in e else m) for e, m in cases]
     for extra, message in cases:
         capsys.readouterr()
         assert main([*args, *extra]) == 2, extra

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from mtlbench import engine
-from mtlbench.config import RunConfig
+from mtlbench.config import RunConfig, setting_key
 from mtlbench.data import Batches, positive_weights
 from mtlbench.engine import build_method, eval_steps, execute, load_data, lr_factor, make_budget, train
 from mtlbench.errors import MtlbenchError
-from mtlbench.method import Budget
+from mtlbench.method import SCHEDULES, Budget
 from mtlbench.metrics import auroc, average_precision, binary_metrics
+from mtlbench.registry import METHODS
 
 from helpers import tiny_config, with_method
 
@@ -34,7 +35,7 @@ class CountingBatches(Batches):
         return x, y
 
 
-SCHEDULED = [("tr", {}), ("tr", {"schedule": "all"}), ("hard", {}), ("separate", {}), ("cross-stitch", {}),
+SCHEDULED = [("tr", {}), ("tr", {"stream": "aligned"}), ("tr", {"schedule": "all"}), ("hard", {}), ("separate", {}), ("cross-stitch", {}),
              ("stl", {})]
 
 
@@ -77,6 +78,77 @@ def test_the_paper_schedule_draws_a_fresh_batch_and_an_iid_task_each_step():
     sample = with_method(cfg, "tr", schedule="sample")
     pool = collections.Counter(t[0] for t, _ in build_method(sample, 3).schedule(Budget(25, 10), torch.Generator()))
     assert set(pool.values()) == {25}  # `sample`: exactly the budget for every task
+
+
+@pytest.mark.parametrize("stream", ["staggered", "aligned"])
+def test_sample_hands_every_task_each_batch_of_its_budget_once(stream):
+    budget = Budget(30, 10, 3.0)
+    steps = list(SCHEDULES["sample"].run(7, budget, torch.Generator().manual_seed(0), stream=stream))
+    by_task = collections.defaultdict(list)
+    for tasks, k in steps:
+        by_task[tasks[0]].append(k)
+    assert all(sorted(ks) == list(range(30)) for ks in by_task.values()) and len(by_task) == 7
+    if stream == "aligned":  # a task's k-th step is batch k
+        assert all(ks == list(range(30)) for ks in by_task.values())
+    else:  # task t starts at t * N // T and wraps round
+        assert all(ks == [(k + t * 30 // 7) % 30 for k in range(30)] for t, ks in by_task.items())
+
+
+def test_the_staggered_stream_spreads_the_last_steps_over_many_batches():
+    """The defect it fixes: with aligned streams every task ends on the stream's last batches."""
+    def distinct_at_end(stream):
+        steps = list(SCHEDULES["sample"].run(40, Budget(700, 100, 7.0), torch.Generator().manual_seed(0), stream=stream))
+        return len({k for _, k in steps[-20:]})  # about a momentum-0.1 running average's reach
+    assert distinct_at_end("aligned") <= 4
+    assert distinct_at_end("staggered") == 20
+
+
+def test_shared_norm_statistics_fit_the_training_data_at_the_end_of_a_staggered_run():
+    """tr at sigma=1 under ``sample``: the first norm's running mean (shared by every task) against
+    its input's mean over the whole training set, with the final weights, in units of its std."""
+    torch.set_num_threads(1)
+    errors = {}
+    for stream in ("aligned", "staggered"):
+        cfg = with_method(tiny_config(tasks=16, steps_per_task=None, epochs=2, batch_size=8, val_fraction=0.0,
+                                      dataset_options={"num_train": 400, "num_test": 32, "image_size": 8}),
+                          "tr", sigma=1.0, stream=stream)
+        data = load_data(cfg)
+        model = build_method(cfg, data.train.images.shape[1])
+        batches = Batches(data.train.images, data.train.labels, cfg.batch_size, cfg.seed, data.train.mean,
+                          data.train.std)
+        train(model, batches, cfg, make_budget(cfg, len(data.train)))
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        norm = next(m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+        assert norm.running_mean.dim() == 1  # one row: the image does not depend on the task
+        with torch.no_grad():
+            f = conv(batches.normalise(data.train.images).contiguous())
+        mean, std = f.mean(dim=(0, 2, 3)), f.std(dim=(0, 2, 3))
+        errors[stream] = float(((norm.running_mean - mean).abs() / std).mean())
+    assert errors["staggered"] < 0.5 * errors["aligned"], errors
+
+
+def test_stream_is_recorded_only_under_sample_and_old_sample_runs_read_as_aligned():
+    tr = METHODS.get("tr")
+    assert tr.resolve_options({})["stream"] == "staggered"
+    assert "stream" not in tr.resolve_options({"schedule": "all"})
+    assert "stream" not in METHODS.get("hard").resolve_options({"stream": "aligned"})
+    with pytest.raises(MtlbenchError, match="stream must be one of"):
+        tr.resolve_options({"stream": "shifted"})
+    assert tr.label(tr.resolve_options({"stream": "aligned", "sigma": 1.0})) == "tr σ=1 stream=aligned"
+    config = with_method(tiny_config(), "tr", stream="aligned").to_dict()
+    old = dataclasses.replace(tiny_config(), method="tr", method_options={
+        k: v for k, v in config["method_options"].items() if k != "stream"}).to_dict()  # a file from before
+    new = with_method(tiny_config(), "tr").to_dict()
+    assert setting_key(old) == setting_key(config) != setting_key(new)
+
+
+def test_a_stream_for_methods_that_never_run_sample_is_an_error():
+    from mtlbench.harness import expand
+    base = dataclasses.replace(tiny_config(), method_options={"stream": "aligned"})
+    with pytest.raises(MtlbenchError, match="stream applies to the sample schedule"):
+        expand(base, ["hard", "stl"], [3], [0])
+    runs = expand(base, ["hard", "tr"], [3], [0])
+    assert {c.method: c.method_options.get("stream") for c in runs} == {"hard": None, "tr": "aligned"}
 
 
 def test_the_validation_carve_is_disjoint_stratified_and_the_same_for_every_method_and_seed():

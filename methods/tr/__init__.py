@@ -22,8 +22,9 @@ Options (``-o method.KEY=VALUE``; ``--sigma`` and ``--tr-impl`` are shorthands):
 Deviations from the paper, each with a switch back:
 
 - ``sample`` draws without replacement from ``batches_per_task`` copies of each task, so every
-  task gets exactly the same number of batches (``--schedule paper``: i.i.d. draws and a fresh
-  batch each step, as the official code).
+  task gets exactly the same number of batches, each task starting at its own offset into the
+  stream of batches (``-o method.stream``, :func:`mtlbench.method._sample`) (``--schedule
+  paper``: i.i.d. draws and a fresh batch each step, as the official code).
 - Masks: a task keeps its own units plus a fraction sigma of the others, so that sigma=0 gives
   separate sub-networks (``-o method.masks=paper``: round(sigma * C) units at random, as the
   official code).
