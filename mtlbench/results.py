@@ -152,6 +152,8 @@ def read_run(path: Path, warn=lambda msg: None) -> dict | None:
             raise ValueError("an mtlbench run file with missing fields")
         if obj["status"] == "ok" and not isinstance(obj.get("metrics"), dict):
             raise ValueError("a finished run file without metrics")
+        if config["method"] in METHODS:  # the label of the run's setting, so that one setting has one label
+            obj["label"] = METHODS.get(config["method"]).label(setting(config)["method_options"] or {})
         return obj
     except (ValueError, OSError, UnicodeDecodeError, KeyError, TypeError) as exc:
         warn(f"mtlbench: skipping {Path(path).name}: {exc}")

@@ -150,6 +150,30 @@ def test_stream_is_recorded_only_under_sample_and_old_sample_runs_read_as_aligne
     assert setting_key(old) == setting_key(config) != setting_key(new)
 
 
+def test_a_run_file_from_before_the_stream_option_gets_its_settings_label(tmp_path):
+    """Read beside a new ``stream=aligned`` run of the same setting, an old file (no ``stream``,
+    labelled without it) carries the same label, so tables and per-group figures show one row."""
+    import json
+
+    from mtlbench import breakdown
+    from mtlbench.aggregate import aggregate
+    from mtlbench.results import SCHEMA, load_runs, table
+    new = with_method(tiny_config(), "tr", stream="aligned").to_dict()
+    old = {**new, "method_options": {k: v for k, v in new["method_options"].items() if k != "stream"}}
+    (tmp_path / "runs").mkdir()
+    for seed, config, label in ((0, old, "tr σ=0.5"), (1, new, "tr σ=0.5 stream=aligned")):
+        run = {"schema": SCHEMA, "key": f"k{seed}", "label": label, "status": "ok", "config": {**config, "seed": seed},
+               "metrics": {"mean_balanced_accuracy": 0.9, "balanced_accuracy": [0.9] * config["tasks"]}}
+        (tmp_path / "runs" / f"r{seed}.json").write_text(json.dumps(run))
+    runs = load_runs(tmp_path)
+    assert {r["label"] for r in runs} == {"tr σ=0.5 stream=aligned"}
+    agg = aggregate(table(runs))
+    assert len(agg) == 1 and agg["seeds"].iloc[0] == 2
+    for r in runs:
+        r["data"] = {"task_groups": {"parity": ["odd" if t % 2 else "even" for t in range(new["tasks"])]}}
+    assert list(breakdown.group_scores(runs, "balanced_accuracy")["method"]) == ["tr σ=0.5 stream=aligned"]
+
+
 def test_a_stream_for_methods_that_never_run_sample_is_an_error():
     from mtlbench.harness import expand
     base = dataclasses.replace(tiny_config(), method_options={"stream": "aligned"})
