@@ -172,7 +172,7 @@ def fig_accuracy_vs_option(agg, runs, metric):
         varied = rows.groupby("tasks")["x"].nunique()
         rows = rows[rows["tasks"].isin(varied[varied > 1].index)]
         for i, (t, group) in enumerate(rows.groupby("tasks")):
-            for j, (rest, line) in enumerate(group.groupby(group["label"].str.replace(r"σ=\S+|sigma=\S+", "",
+            for j, (rest, line) in enumerate(group.groupby(group["label"].str.replace(r"\s*(?:σ|sigma)=\S+", "",
                                                                                          regex=True))):
                 line = line.sort_values("x")
                 y = line[f"mean_{metric}_mean"] * 100
