@@ -79,16 +79,22 @@ def same_numbers(value: object) -> object:
     return value
 
 
+def as_now(method_options: dict) -> dict:
+    """A run file's method options as this version records them, updated in place: a
+    ``sample`` run recorded without ``stream`` was written before that option existed and
+    ran what is now ``stream=aligned``."""
+    if method_options.get("schedule") == "sample":
+        method_options.setdefault("stream", "aligned")
+    return method_options
+
+
 def setting(config: dict) -> dict:
     """A run's setting: its configuration minus the seed and minus the method's implementation
     options (``Method.implementation_options``, tested to give the same numbers), with equal
-    numbers written alike (4.0 is 4). A ``sample`` run recorded without ``stream`` was written
-    before that option existed and ran what is now ``stream=aligned``."""
+    numbers written alike (4.0 is 4), and old files' options read as now (``as_now``)."""
     out = same_numbers(copy.deepcopy(config))
     out.pop("seed", None)
-    options = out.get("method_options") or {}
-    if options.get("schedule") == "sample":  # run files from before the stream option ran this
-        options.setdefault("stream", "aligned")
+    options = as_now(out.get("method_options") or {})
     for name in _implementation_options(out.get("method")):
         options.pop(name, None)
     return out

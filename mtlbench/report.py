@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import math
 from pathlib import Path
 
@@ -159,6 +160,13 @@ def swept_options(agg: pd.DataFrame) -> list[tuple[str, str]]:
     return found
 
 
+def _label_without(method: str, options: str, label: str, name: str) -> str:
+    """A series' label with the option ``name`` (the figure's x axis) left out."""
+    if method in METHODS:
+        return METHODS.get(method).label({k: v for k, v in json.loads(options).items() if k != name})
+    return re.sub(rf"\s*{re.escape(name)}=\S+", "", label)
+
+
 def fig_accuracy_vs_option(agg, runs, metric):
     """The headline metric against each swept numeric method option (task routing's sigma),
     with methods that equal that method at some value (``Method.same_as``) marked there."""
@@ -172,8 +180,8 @@ def fig_accuracy_vs_option(agg, runs, metric):
         varied = rows.groupby("tasks")["x"].nunique()
         rows = rows[rows["tasks"].isin(varied[varied > 1].index)]
         for i, (t, group) in enumerate(rows.groupby("tasks")):
-            for j, (rest, line) in enumerate(group.groupby(group["label"].str.replace(r"\s*(?:σ|sigma)=\S+", "",
-                                                                                         regex=True))):
+            rest_of = [_label_without(method, o, label, name) for o, label in zip(group["options"], group["label"])]
+            for j, (rest, line) in enumerate(group.groupby(pd.Series(rest_of, index=group.index))):
                 line = line.sort_values("x")
                 y = line[f"mean_{metric}_mean"] * 100
                 ci = line[f"mean_{metric}_ci95"].fillna(0) * 100

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtlbench.config import reference_key, setting, setting_key
+from mtlbench.config import as_now, reference_key, setting, setting_key
 from mtlbench.errors import MtlbenchError
 from mtlbench.registry import METHODS
 
@@ -152,8 +152,10 @@ def read_run(path: Path, warn=lambda msg: None) -> dict | None:
             raise ValueError("an mtlbench run file with missing fields")
         if obj["status"] == "ok" and not isinstance(obj.get("metrics"), dict):
             raise ValueError("a finished run file without metrics")
-        if config["method"] in METHODS:  # the label of the run's setting, so that one setting has one label
-            obj["label"] = METHODS.get(config["method"]).label(setting(config)["method_options"] or {})
+        if isinstance(config["method_options"], dict):  # an older file reads as this version writes it
+            as_now(config["method_options"])
+            if config["method"] in METHODS:  # so one setting has one label
+                obj["label"] = METHODS.get(config["method"]).label(config["method_options"])
         return obj
     except (ValueError, OSError, UnicodeDecodeError, KeyError, TypeError) as exc:
         warn(f"mtlbench: skipping {Path(path).name}: {exc}")

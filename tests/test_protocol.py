@@ -167,6 +167,7 @@ def test_a_run_file_from_before_the_stream_option_gets_its_settings_label(tmp_pa
         (tmp_path / "runs" / f"r{seed}.json").write_text(json.dumps(run))
     runs = load_runs(tmp_path)
     assert {r["label"] for r in runs} == {"tr σ=0.5 stream=aligned"}
+    assert {json.loads(o)["stream"] for o in table(runs)["options"]} == {"aligned"}
     agg = aggregate(table(runs))
     assert len(agg) == 1 and agg["seeds"].iloc[0] == 2
     for r in runs:
