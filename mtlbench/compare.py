@@ -7,6 +7,7 @@ averaged. A value that is missing or not a number on the new side is a problem, 
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pandas as pd
 
 from mtlbench import results
 from mtlbench.aggregate import aggregate, select_val
+from mtlbench.config import reference_key, setting, setting_key
 from mtlbench.errors import MtlbenchError
 
 NEEDED = {"status", "seed", "setting", "label", "tasks", "dataset", "train_pairs_per_s", "mean_accuracy",
@@ -35,6 +37,22 @@ def load_table(path: Path, warn=print) -> pd.DataFrame:
         raise MtlbenchError(f"{str(path)!r} is not a results table of this mtlbench version (missing "
                             f"{', '.join(sorted(missing))}); compare the results folder, or rebuild the table "
                             "with mtlbench report")
+    return as_now(df)
+
+
+def as_now(df: pd.DataFrame) -> pd.DataFrame:
+    """A table file's setting identity as this version defines it: ``setting`` and ``reference``
+    recomputed from each row's ``setting_config``, so that a table written before a change of
+    the identity (a committed report, a CI baseline) still matches the same setting run now."""
+    if "setting_config" not in df.columns:
+        return df
+    configs = [setting(json.loads(c)) if isinstance(c, str) else None for c in df["setting_config"]]
+    df = df.copy()
+    for column, rule in (("setting", setting_key), ("reference", reference_key)):
+        if column in df.columns:
+            df[column] = [rule(c) if c is not None else old for c, old in zip(configs, df[column])]
+    df["setting_config"] = [json.dumps(c, sort_keys=True) if c is not None else old
+                            for c, old in zip(configs, df["setting_config"])]
     return df
 
 

@@ -195,6 +195,19 @@ def test_compare_passes_fails_and_reports_missing(tmp_path, capsys):
     assert "MISSING in new" in capsys.readouterr().out
 
 
+def test_compare_matches_a_table_written_before_a_change_of_the_setting_identity(tmp_path, capsys):
+    """A committed table keeps the setting hashes of the version that wrote it; compare reads
+    the setting from each row's configuration, so the same runs still match today."""
+    res = tmp_path / "res"
+    assert main(["run", "--methods", "hard,stl", "--tasks", "2", "--out", str(res), *TINY_ARGS]) == 0
+    old = pd.read_csv(res / "results.csv")
+    old["setting"], old["reference"] = "0123456789ab", "ba9876543210"  # another version's hashes
+    old.to_csv(tmp_path / "old.csv", index=False)
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "old.csv"), str(res)]) == 0
+    assert "MISSING" not in capsys.readouterr().out
+
+
 def test_compare_bad_input_is_one_line(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "nope"), str(tmp_path)]) == 2
     (tmp_path / "x.csv").write_text("a,b\n1,2\n")
