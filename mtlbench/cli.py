@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-train-seconds", type=float, default=None,
                    help="time the first steps of each run and record it as skipped if its training is projected "
                         "to take longer (the measured step time is kept)")
+    r.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+                   help="save a run's training state at its next evaluation point once this many seconds have "
+                        "passed since the last save (0: at every evaluation), in OUT/runs/.partial; rerunning a "
+                        "killed sweep resumes each unfinished run from there, to the same numbers (default 60)")
+    r.add_argument("--no-checkpoints", action="store_true",
+                   help="save no training state: a killed run starts over when the sweep is rerun")
     r.add_argument("--executor", default="local", choices=["local", "processes", "ray"],
                    help="where runs execute: in this process one after another (default), a local process "
                         "pool (--workers), or Ray tasks on a local instance or a cluster (--ray-address)")
@@ -211,6 +217,8 @@ def _validate_ints(args: argparse.Namespace) -> None:
         raise MtlbenchError(f"--val-fraction must be 0 (no validation) or a fraction in (0, 1), got {args.val_fraction:g}")
     if args.max_train_seconds is not None and not args.max_train_seconds > 0:
         raise MtlbenchError(f"--max-train-seconds must be positive, got {args.max_train_seconds}")
+    if not (args.checkpoint_every >= 0 and math.isfinite(args.checkpoint_every)):
+        raise MtlbenchError(f"--checkpoint-every must be 0 or more seconds, got {args.checkpoint_every:g}")
     if args.retries < 0:
         raise MtlbenchError(f"--retries must be 0 or more, got {args.retries}")
     if args.patience and not args.val_fraction:
@@ -310,7 +318,8 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     sweep = Sweep(Path(args.out), args.max_params, warn=lambda m: print(m, file=sys.stderr),
                   data_root=args.data_root, command=" ".join(["mtlbench", *map(shlex.quote, argv)]),
                   download=args.download, max_train_seconds=args.max_train_seconds, executor=executor,
-                  retries=args.retries, skip_failed=args.skip_failed)
+                  retries=args.retries, skip_failed=args.skip_failed,
+                  checkpoint_every=None if args.no_checkpoints else args.checkpoint_every)
     sweep.run(configs)
     df = results.refresh_tables(sweep.out, warn=lambda m: print(m, file=sys.stderr))
     keys = {c.key() for c in configs}

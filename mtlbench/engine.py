@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import random
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from mtlbench.backbones import resolve_backbone
+from mtlbench.checkpoint import RunCheckpoint, rng_state, set_rng_state
 from mtlbench.config import RunConfig, make_config
 from mtlbench.data import Batches, TaskDataset, positive_weights, stratified_carve
 from mtlbench.errors import MtlbenchError
@@ -40,6 +42,7 @@ from mtlbench.measure import PeakMemory, clock, count_flops, spread, tune_alloca
 from mtlbench.method import Budget, Method
 from mtlbench.metrics import binary_metrics, means
 from mtlbench.registry import DATASETS, METHODS
+from mtlbench.results import git_commit
 
 
 def seed_everything(seed: int) -> None:
@@ -320,14 +323,36 @@ class OverBudget(Exception):
         self.details = details
 
 
+def training_state(model: Method, trainer: Trainer) -> dict:
+    """Everything of a run's training that the numbers depend on, but the loop's counters."""
+    return {"model": model.state_dict(),
+            "optimizer": None if trainer.optimizer is None else trainer.optimizer.state_dict(),
+            "scheduler": None if trainer.scheduler is None else trainer.scheduler.state_dict(),
+            "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
+            "weighting": trainer.weighting.training_state(), "rng": rng_state()}
+
+
+def restore_training(model: Method, trainer: Trainer, state: dict) -> None:
+    model.load_state_dict(state["model"])
+    if trainer.optimizer is not None:
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"] is not None:
+        trainer.scaler.load_state_dict(state["scaler"])
+    trainer.weighting.load_training_state(state["weighting"])
+    set_rng_state(state["rng"])
+
+
 def train(model: Method, batches: Batches, cfg: RunConfig, budget: Budget, val: tuple | None = None,
           pos_weight: torch.Tensor | None = None, progress: Callable[[int], None] | None = None,
-          max_seconds: float | None = None) -> dict:
+          max_seconds: float | None = None, checkpoint: RunCheckpoint | None = None) -> dict:
     """Run the method's schedule under the protocol; ``val`` is (images, labels) or None.
 
     Returns the training record, with the best-validation state (``best_state``, popped by
     :func:`execute`) when there is a validation split. With ``max_seconds``, the first steps
-    are timed and a run projected to train longer raises :class:`OverBudget`."""
+    are timed and a run projected to train longer raises :class:`OverBudget`. With
+    ``checkpoint``, the training state is saved at evaluation points and a saved state of
+    this run is resumed from (see :mod:`mtlbench.checkpoint`)."""
     model.train()
     schedule = model.options.schedule
     total = model.total_steps(model.num_tasks, budget, schedule)
@@ -338,9 +363,23 @@ def train(model: Method, batches: Batches, cfg: RunConfig, budget: Budget, val: 
     seen = [0] * model.num_tasks  # supervised batches per task so far
     steps, pairs, data_s, step_s, eval_s = 0, 0, 0.0, [], 0.0
     window, curve, best, stopped = [], [], None, None
-    first_loss = None
+    first_loss = mean_loss = None
     start = clock(cfg.device)
-    for tasks, k in model.schedule(budget, generator):
+    plan = model.schedule(budget, generator)
+    resumed = []
+    saved = checkpoint.load(total) if checkpoint is not None else None
+    if saved is not None:
+        loop = saved["loop"]
+        restore_training(model, trainer, saved)
+        steps, pairs, data_s, step_s, eval_s = (loop[k] for k in ("steps", "pairs", "data_s", "step_s", "eval_s"))
+        window, curve, best, seen = (loop[k] for k in ("window", "curve", "best", "seen"))
+        first_loss, mean_loss = loop["first_loss"], loop["mean_loss"]
+        start = clock(cfg.device) - loop["elapsed"]
+        resumed = [*saved["resumed"], {"step": steps, "saved": saved["saved"], "saved_by_commit": saved["commit"]}]
+        plan = itertools.islice(plan, steps, None)  # the schedule is replayed from its seed to that step
+        if progress:
+            progress(steps)
+    for tasks, k in plan:
         t0 = clock(cfg.device)
         x, y = batches.get(k)
         t1 = clock(cfg.device)
@@ -388,6 +427,14 @@ def train(model: Method, batches: Batches, cfg: RunConfig, budget: Budget, val: 
                 stopped = {"step": steps, "pairs": pairs, "reason": f"no better mean validation balanced accuracy "
                            f"in {cfg.patience} evaluations (best at step {best['step']})"}
                 break
+            if checkpoint is not None and steps < total and checkpoint.due():
+                t_save = clock(cfg.device)
+                loop = {"steps": steps, "pairs": pairs, "data_s": data_s, "step_s": step_s, "eval_s": eval_s,
+                        "window": window, "curve": curve, "best": best, "seen": seen, "first_loss": first_loss,
+                        "mean_loss": mean_loss, "elapsed": t_save - start}
+                checkpoint.save({"steps_planned": total, "loop": loop, "resumed": resumed,
+                                 "commit": git_commit(), **training_state(model, trainer)})
+                eval_s += clock(cfg.device) - t_save  # saving is not training time
     seconds = clock(cfg.device) - start - eval_s
     # Steady-state throughput: the first steps (allocator and kernel warm-up) are left out
     # and the median step time is used; the wall-clock figure is kept beside it.
@@ -412,6 +459,9 @@ def train(model: Method, batches: Batches, cfg: RunConfig, budget: Budget, val: 
             "metric": SELECTION_METRIC, "split": "validation", "best_value": best["value"], "best_step": best["step"],
             "best_pairs": best["pairs"], "evaluations": len(curve)},
         "best_state": None if best is None else best["state"],
+        "checkpoints": None if checkpoint is None else {
+            "every_seconds": checkpoint.every, "saved": checkpoint.saves, "save_seconds": checkpoint.seconds,
+            "resumed": resumed},
     }
     if weighted:
         record["weighting"] = trainer.weighting.summary()
@@ -476,7 +526,7 @@ def method_flops(cfg: RunConfig, image_shape: tuple[int, ...]) -> dict:
 
 
 def execute(cfg: RunConfig, data: Splits, progress: Callable[[int], None] | None = None,
-            max_train_seconds: float | None = None) -> dict:
+            max_train_seconds: float | None = None, checkpoint: RunCheckpoint | None = None) -> dict:
     """Build, train and evaluate one method; returns the method-level part of a result."""
     device = torch.device(cfg.device)
     cfg = resolve_budget(cfg)
@@ -496,7 +546,7 @@ def execute(cfg: RunConfig, data: Splits, progress: Callable[[int], None] | None
                           cfg.seed, train_set.mean, train_set.std)
         val = None if val_set is None else (val_set.images.to(device), val_set.labels)
         try:
-            timing = train(model, batches, cfg, budget, val, pos_weight, progress, max_train_seconds)
+            timing = train(model, batches, cfg, budget, val, pos_weight, progress, max_train_seconds, checkpoint)
         except OverBudget as exc:
             over = exc
     if over is not None:  # what the probe measured is kept with the skipped run

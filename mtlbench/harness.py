@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from mtlbench import results
 from mtlbench.backbones import resolve_backbone
+from mtlbench.checkpoint import RunCheckpoint
 from mtlbench.config import RunConfig, setting_key
 from mtlbench.engine import OverBudget, build_method, execute, load_data, make_budget, resolve_budget
 from mtlbench.errors import MtlbenchError
@@ -138,6 +139,7 @@ def estimate_params(cfg: RunConfig, in_channels: int) -> int:
         return count(build_method(cfg, in_channels))
 
 
+PARTIAL = ".partial"  # runs/.partial/KEY.pt: the training state of a run not finished yet
 _DATA: dict[str, object] = {}  # one dataset per process (sweeps go T by T), kept between runs
 
 
@@ -162,12 +164,23 @@ class Runner:
     Budgets: a setting with more than ``max_params`` trainable parameters, or (with
     ``max_train_seconds``) whose first timed steps project a longer training, is recorded as
     skipped with the reason and what was measured.
+
+    Checkpoints: with ``checkpoint_dir``, a run saves its training state there at evaluation
+    points at least ``checkpoint_every`` seconds apart, and resumes from a state saved by a
+    run of the same key that was killed (:mod:`mtlbench.checkpoint`).
     """
     max_params: int
     data_root: str | None = None
     download: bool = False
     max_train_seconds: float | None = None
     command: str = ""
+    checkpoint_dir: str | None = None
+    checkpoint_every: float = 60.0
+
+    def checkpoint(self, cfg: RunConfig) -> RunCheckpoint | None:
+        if self.checkpoint_dir is None:
+            return None
+        return RunCheckpoint(Path(self.checkpoint_dir) / f"{cfg.key()}.pt", self.checkpoint_every)
 
     def budgets(self) -> dict:
         return {"max_params": self.max_params, "max_train_seconds": self.max_train_seconds}
@@ -203,7 +216,8 @@ class Runner:
 
     def _attempt(self, cfg: RunConfig, data, progress) -> dict:
         try:
-            return {"status": "ok", **execute(cfg, data, progress, self.max_train_seconds)}
+            return {"status": "ok", **execute(cfg, data, progress, self.max_train_seconds,
+                                              checkpoint=self.checkpoint(cfg))}
         except MtlbenchError:
             raise  # bad input: one line and exit 2, not a failed run
         except OverBudget as over:
@@ -277,7 +291,9 @@ class Sweep:
     its run comes back, and rebuilds the tables at most every ``TABLES_EVERY`` seconds and at
     the end. A failed run is retried ``retries`` times in this sweep and written with a
     traceback file; a later sweep retries it again unless ``skip_failed``. A skipped run is
-    tried again by a later sweep with a larger budget.
+    tried again by a later sweep with a larger budget. With ``checkpoint_every`` (seconds; None
+    for none), a run killed before it finished resumes inside its training, from the state
+    it last saved in ``runs/.partial/`` (removed when its result is written).
     """
 
     TABLES_EVERY = 30.0
@@ -285,9 +301,11 @@ class Sweep:
     def __init__(self, out: Path, max_params: int, warn: Callable[[str], None] = print,
                  data_root: str | None = None, command: str = "", download: bool = False,
                  max_train_seconds: float | None = None, executor=None, retries: int = 0,
-                 skip_failed: bool = False, progress: bool = True) -> None:
+                 skip_failed: bool = False, progress: bool = True, checkpoint_every: float | None = 60.0) -> None:
         self.out, self.warn = Path(out), warn
-        self.runner = Runner(max_params, data_root, download, max_train_seconds, command)
+        partial = None if checkpoint_every is None else str((self.out / "runs" / PARTIAL).resolve())
+        self.runner = Runner(max_params, data_root, download, max_train_seconds, command, partial,
+                             checkpoint_every or 0.0)
         self.executor, self.retries, self.skip_failed, self.progress = executor, retries, skip_failed, progress
         self._held: set[str] = set()  # keys of the claims this sweep holds
         results.check_writable(self.out)
@@ -348,6 +366,10 @@ class Sweep:
                         done[cfg.key()] = found
                         progress.finished(found["status"], was_running=False)
                         continue
+                    if (self.out / "runs" / PARTIAL / f"{cfg.key()}.pt").exists():
+                        label = METHODS.get(cfg.method).label(cfg.method_options)
+                        progress.note(f"mtlbench: {label} T={cfg.tasks} seed={cfg.seed}: resuming from its "
+                                      "checkpoint", self.warn)
                     running[executor.submit(self.runner, cfg)] = (cfg, 1)
                     progress.started()
                 if not running:  # every run left is being trained elsewhere
@@ -404,6 +426,7 @@ class Sweep:
             tb.write_text(f"{result.get('reason', '')}\n\n{result['traceback']}")
             result["traceback_file"] = tb.name
         results.write_json_atomic(path, result)
+        (self.out / "runs" / PARTIAL / f"{result['key']}.pt").unlink(missing_ok=True)  # its checkpoint
         return path
 
     def run_one(self, cfg: RunConfig) -> dict:

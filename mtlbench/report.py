@@ -400,7 +400,9 @@ def _readme(title: str, runs: list[dict], df: pd.DataFrame, agg: pd.DataFrame, f
             groups: pd.DataFrame) -> str:
     env = runs[0].get("environment", {})
     commands = sorted({r.get("command") or "(not recorded)" for r in runs})
-    commits = sorted({str(r.get("environment", {}).get("git_commit")) for r in runs})
+    resumes = [r for r in runs if ((r.get("train") or {}).get("checkpoints") or {}).get("resumed")]
+    commits = sorted({str(r.get("environment", {}).get("git_commit")) for r in runs}
+                     | {str(x.get("saved_by_commit")) for r in resumes for x in r["train"]["checkpoints"]["resumed"]})
     status = df["status"].value_counts().to_dict()
     budgets = sorted({json.dumps(same_numbers({k: r["train"]["budget"][k] for k in ("epochs", "batches_per_task", "given_as")}))
                       for r in runs if r.get("status") == "ok"})
@@ -411,7 +413,10 @@ def _readme(title: str, runs: list[dict], df: pd.DataFrame, agg: pd.DataFrame, f
              f"GPU: {env.get('cuda') or 'none'}; {env.get('platform')}",
              "- packages: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()),
              f"- runs: {len(df)} ({', '.join(f'{v} {k}' for k, v in status.items())}); "
-             f"total run time {df['wall_seconds'].sum() / 60:.1f} min",
+             f"total run time {df['wall_seconds'].sum() / 60:.1f} min"
+             + (f"; {len(resumes)} resumed from a checkpoint after an interruption (the same numbers as "
+                "uninterrupted; their run time counts the part after the last resume, their training time "
+                "all of it)" if resumes else ""),
              "- budget per task: " + "; ".join(budgets),
              "",
              f"**Headline metric: mean {METRIC_NAMES[metric]}** over the tasks, on the test split, of the checkpoint "

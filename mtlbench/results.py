@@ -61,7 +61,7 @@ def environment() -> dict:
     return {"versions": versions, "platform": platform.platform(), "cpu": _cpu_name(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "git_commit": _git_commit()}
+            "git_commit": git_commit()}
 
 
 def _cpu_name() -> str:
@@ -74,7 +74,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)

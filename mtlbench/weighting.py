@@ -98,6 +98,26 @@ class Weighting(nn.Module):
         """The run's length, in optimiser steps, and the steps of one epoch of its schedule."""
         self.total_steps, self.steps_per_epoch = max(1, total_steps), max(1, steps_per_epoch)
 
+    # ----- resuming a run ------------------------------------------------------------------
+    _SETUP = frozenset(vars(nn.Module())) | {"num_tasks", "options", "total_steps", "steps_per_epoch"}
+
+    def training_state(self) -> dict:
+        """What training changed in this weighting, for a resumed run: its parameters and
+        buffers, and every other attribute set after construction (tensors, numbers and
+        containers of them; a ``torch.Generator`` by its state). A weighting with other kinds of
+        state overrides this and :meth:`load_training_state`."""
+        return {"module": self.state_dict(),
+                "attrs": {k: _saveable(v) for k, v in vars(self).items() if k not in self._SETUP}}
+
+    def load_training_state(self, state: dict) -> None:
+        self.load_state_dict(state["module"])
+        for name, value in state["attrs"].items():
+            current = getattr(self, name, None)
+            if isinstance(current, torch.Generator):
+                current.set_state(value["generator_state"])
+            else:
+                setattr(self, name, value.to(current.device) if isinstance(current, torch.Tensor) else value)
+
     # ----- recording ---------------------------------------------------------------------
     def record(self, weights: torch.Tensor) -> None:
         """Keep running statistics and a few snapshots of the per-task weights of a step."""
@@ -181,6 +201,19 @@ class GradientWeighting(Weighting):
             trainer.backward((c.to(losses.dtype) * losses).sum(), inputs=shared, retain_graph=True)
             trainer.backward(losses.sum(), inputs=specific)
         self.record(c)
+
+
+def _saveable(value):
+    """``value`` as tensors and plain containers (what a checkpoint may hold)."""
+    if isinstance(value, torch.Generator):
+        return {"generator_state": value.get_state()}
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_saveable(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _saveable(v) for k, v in value.items()}
+    return value
 
 
 def run_generator() -> torch.Generator:

@@ -77,6 +77,8 @@ BAD = [
     (["--eval-every", "often"], "--eval-every takes"),
     (["--patience", "-1"], "--patience"),
     (["--warmup", "1"], "--warmup"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every must be 0 or more"),
+    (["--checkpoint-every", "nan"], "--checkpoint-every must be 0 or more"),
     (["--lr", "0"], "--lr must be positive"),
     (["--seed", "99999999999999999999"], "--seed must be in"),
     (["--schedule", "sometimes"], "applies to none"),
