@@ -77,7 +77,7 @@ class RunCheckpoint:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"format": FORMAT, "key": self.key, "torch": str(torch.__version__), "saved": time.time(),
-                        **state}, tmp)
+                        "saves": self.saves + 1, **state}, tmp)
             os.replace(tmp, self.path)
         except OSError as exc:
             log.warning("mtlbench: cannot save a checkpoint to %s (%s); this run goes on without", self.path, exc)
@@ -111,6 +111,7 @@ class RunCheckpoint:
                         self.path, why, aside.name)
             return None
         self._last = time.monotonic()
+        self.saves = state.get("saves", 0)  # counted over every attempt of the run
         return state
 
     def discard(self) -> None:

@@ -64,6 +64,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_bit_for_bit(method, options, tm
     resumed = execute(cfg, data, checkpoint=ckpt.RunCheckpoint(path, every=0))
     record = resumed["train"]["checkpoints"]
     assert [r["step"] for r in record["resumed"]] == [4]  # the second save, after step 4
+    assert record["saved"] == whole["train"]["steps"] // 2 - 1  # every evaluation but the last, over both attempts
     assert comparable(resumed) == comparable(whole)
     assert resumed["train"]["curve"][-1]["val"] == whole["train"]["curve"][-1]["val"]
 
